@@ -1,0 +1,105 @@
+"""The reference notebook recipe for comparison: HF `Trainer` + Unsloth `FastVisionModel`, with the guide's
+arguments, on the same model folder and the same (unshuffled) batches as `python -m dsocr_lightning fit`.
+
+python benchmarks/reference_recipe.py MODEL_DIR DATA_DIR --steps 20
+Prints the trainable count, the first three losses, median s/step, samples/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import unsloth  # noqa: F401  (before transformers)
+from torch.utils.data import SequentialSampler
+from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
+from unsloth import FastVisionModel
+
+from dsocr_lightning.data import OCRDataModule
+from dsocr_lightning.loading import TARGET_MODULES, count_parameters
+from dsocr_lightning.module import MODEL_KEYS
+
+
+class Timer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def on_step_begin(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+class InOrderTrainer(Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("data_dir")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="/tmp/reference_outputs")
+    args = parser.parse_args()
+
+    model, _ = FastVisionModel.from_pretrained(
+        args.model_dir, load_in_4bit=False, auto_model=AutoModel, trust_remote_code=True,
+        unsloth_force_compile=True, use_gradient_checkpointing="unsloth",
+    )  # fmt: skip
+    model = FastVisionModel.get_peft_model(
+        model, target_modules=TARGET_MODULES, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+        random_state=3407, use_rslora=False, loftq_config=None,
+    )  # fmt: skip
+    FastVisionModel.for_training(model)
+    trainable, total = count_parameters(model)
+
+    data = OCRDataModule(args.data_dir, "imagefolder", "train", None, image_column="image",
+                         tokenizer_name_or_path=args.model_dir, trust_remote_code=True)  # fmt: skip
+    data.setup("fit")
+    collate = data.collator(False)
+
+    def collate_bf16(samples):
+        batch = {k: v for k, v in collate(samples).items() if k in MODEL_KEYS}
+        batch["images"] = [(c.to(torch.bfloat16), g.to(torch.bfloat16)) for c, g in batch["images"]]
+        return batch
+
+    timer = Timer()
+    trainer = InOrderTrainer(
+        model=model,
+        data_collator=collate_bf16,
+        train_dataset=data.datasets["train"],
+        callbacks=[timer],
+        args=TrainingArguments(
+            per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5, max_steps=args.steps,
+            learning_rate=2e-4, logging_steps=1, optim="adamw_8bit", weight_decay=0.001,
+            lr_scheduler_type="linear", seed=3407, bf16=True, fp16=False, output_dir=args.out,
+            report_to="none", dataloader_num_workers=2, remove_unused_columns=False, save_strategy="no",
+        ),
+    )  # fmt: skip
+    trainer.train()
+    steady = timer.times[2:]
+    print(f"trainable params: {trainable:,} of {total:,}")
+    print(
+        "| run | steps | first three losses | median s / step | median samples / s | peak allocated | peak reserved |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| reference (HF Trainer + Unsloth) | {len(timer.losses)} | {', '.join(f'{v:.4f}' for v in timer.losses[:3])} "
+        f"| {statistics.median(steady):.3f} | {8 / statistics.median(steady):.2f} "
+        f"| {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB |"
+    )
+
+
+if __name__ == "__main__":
+    main()

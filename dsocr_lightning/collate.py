@@ -1,0 +1,121 @@
+"""Samples -> the batch DeepSeek-OCR's forward takes (see the contract doc's "Batch" table).
+
+Sequence = [BOS] + text before <image> + image tokens + text after <image>   (the prompt, never learned)
+         + tokens of f"{text.strip()} {eos}"                               (the response, learned, EOS included)
+Training batches are right padded with PAD; generation prompts are left padded, so new tokens line up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .images import MODES, Mode, image_token_count, preprocess
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+DEFAULT_INSTRUCTION = "<image>\nFree OCR. "
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample: prompt and response ids, and where the image tokens sit in the prompt."""
+
+    prompt: list[int]
+    image_mask: list[bool]
+    response: list[int]
+
+
+def split_instruction(instruction: str) -> tuple[str, str]:
+    """Text before and after the single <image> placeholder."""
+    if instruction.count(IMAGE_TOKEN) != 1:
+        raise ValueError(f"the instruction must hold exactly one {IMAGE_TOKEN!r}, got {instruction!r}")
+    before, after = instruction.split(IMAGE_TOKEN)
+    return before, after
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int, int]:
+    """(bos, pad, image) ids, refusing a tokenizer that lacks one (PAD must not be EOS: EOS is learned)."""
+    bos, pad, eos = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
+    image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if bos is None or pad is None or eos is None:
+        raise ValueError("the tokenizer needs BOS, EOS and PAD tokens")
+    if pad == eos:
+        raise ValueError("PAD equals EOS: EOS labels would be masked and the model would never learn to stop")
+    if image is None or image == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token")
+    return bos, pad, image
+
+
+def pad_to(rows: list[list], value: Any, left: bool = False) -> list[list]:
+    """Pad ragged rows to one length, on the right (training) or the left (generation)."""
+    width = max(len(r) for r in rows)
+    return [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+
+
+@dataclass
+class OCRCollator:
+    """Turns `{"image": PIL, "text": str}` samples into model batches; runs in DataLoader workers."""
+
+    tokenizer: Any
+    mode: Mode = field(default_factory=lambda: MODES["gundam"])
+    instruction: str = DEFAULT_INSTRUCTION
+    train_on_responses_only: bool = True
+    max_length: int | None = None
+    with_prompts: bool = False  # also emit left-padded prompt-only tensors for generation
+
+    def __post_init__(self) -> None:
+        self.before, self.after = split_instruction(self.instruction)
+        self.bos_id, self.pad_id, self.image_id = special_ids(self.tokenizer)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, grid: tuple[int, int]) -> Encoded:
+        """Prompt ids with `count` image tokens, and the response ids ending in EOS."""
+        count = image_token_count(self.mode.base_size, self.mode.image_size, *grid)
+        before, after = self.encode_text(self.before), self.encode_text(self.after)
+        prompt = [self.bos_id, *before, *[self.image_id] * count, *after]
+        image_mask = [False] * (1 + len(before)) + [True] * count + [False] * len(after)
+        response = self.encode_text(f"{text.strip()} {self.tokenizer.eos_token}")
+        if self.max_length is not None:
+            response = response[: max(0, self.max_length - len(prompt))]
+        return Encoded(prompt, image_mask, response)
+
+    def labels_for(self, enc: Encoded) -> list[int]:
+        """Response-only labels, or everything but the image positions."""
+        if self.train_on_responses_only:
+            return [IGNORE_INDEX] * len(enc.prompt) + enc.response
+        prompt = [IGNORE_INDEX if m else t for t, m in zip(enc.prompt, enc.image_mask)]
+        return prompt + enc.response
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        views = [preprocess(s["image"], self.mode) for s in samples]
+        encoded = [self.encode(s["text"], grid) for s, (_, _, grid) in zip(samples, views)]
+        ids = pad_to([e.prompt + e.response for e in encoded], self.pad_id)
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(pad_to([self.labels_for(e) for e in encoded], IGNORE_INDEX), dtype=torch.long),
+            "images_seq_mask": torch.tensor(
+                pad_to([e.image_mask + [False] * len(e.response) for e in encoded], False), dtype=torch.bool
+            ),
+            "images": [(crops, glob) for crops, glob, _ in views],
+            "images_spatial_crop": torch.tensor([list(grid) for _, _, grid in views], dtype=torch.long),
+            "texts": [s["text"] for s in samples],
+        }
+        batch["attention_mask"] = (batch["input_ids"] != self.pad_id).long()
+        if self.with_prompts:
+            batch.update(self.prompt_batch(encoded))
+        return batch
+
+    def prompt_batch(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts (no response) for batched greedy generation."""
+        ids = torch.tensor(pad_to([e.prompt for e in encoded], self.pad_id, left=True), dtype=torch.long)
+        mask = pad_to([e.image_mask for e in encoded], False, left=True)
+        return {
+            "prompt_input_ids": ids,
+            "prompt_attention_mask": (ids != self.pad_id).long(),
+            "prompt_images_seq_mask": torch.tensor(mask, dtype=torch.bool),
+        }

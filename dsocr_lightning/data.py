@@ -1,0 +1,225 @@
+"""The LightningDataModule: dataset sources -> `{"image", "text"}` samples -> collated batches in workers.
+
+Sources: a hub dataset id, a local `imagefolder` (images + metadata.jsonl), a JSONL manifest of image path +
+text, a `save_to_disk` folder, or `synthetic` (rendered Persian lines for the offline demo and tests).
+Splits are strings like `train[:1000]` or `test[:200]`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .collate import DEFAULT_INSTRUCTION, OCRCollator
+from .images import MODES, Mode
+from .loading import load_tokenizer
+
+SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
+SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+def parse_split(spec: str) -> tuple[str, slice]:
+    """`train[:1000]` -> ("train", slice(None, 1000)); `test` -> ("test", slice(None))."""
+    match = SPLIT_RE.match(spec.strip())
+    if not match:
+        raise ValueError(f"split {spec!r} is not of the form name or name[start:stop]")
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    return match["name"], slice(start, stop)
+
+
+def detect_source(source: str) -> str:
+    """What kind of source a string names, from what is on disk; anything else is a hub id."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".jsonl":
+        return "jsonl"
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return "disk"
+    return "imagefolder" if path.is_dir() else "hub"
+
+
+class OCRSamples(Dataset):
+    """Rows of any indexable table -> `{"image": PIL, "text": str}`; image cells may be PIL images or paths."""
+
+    def __init__(self, rows: Any, image_column: str, text_column: str, root: Path | None = None) -> None:
+        self.rows, self.image_column, self.text_column, self.root = rows, image_column, text_column, root
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.open((self.root or Path()) / image)
+        return {"image": image, "text": row[self.text_column]}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_columns(columns: list[str], wanted: list[str], where: str) -> None:
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise KeyError(f"{where} has no column(s) {missing}; its columns are {columns}: set image_column/text_column")
+
+
+class OCRDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: str = "hezarai/parsynth-ocr-200k",
+        source_type: SourceType = "auto",
+        train_split: str = "train[:1000]",
+        val_split: str | None = "test[:100]",
+        test_split: str | None = None,
+        image_column: str = "image_path",
+        text_column: str = "text",
+        instruction: str = DEFAULT_INSTRUCTION,
+        mode: str = "gundam",
+        base_size: int | None = None,
+        image_size: int | None = None,
+        crop_mode: bool | None = None,
+        train_on_responses_only: bool = True,
+        max_length: int | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int = 16,
+        num_workers: int = 2,
+        shuffle: bool = True,
+        dataset_revision: str | None = None,
+        synthetic_sizes: dict[str, int] | None = None,
+        seed: int = 3407,
+        tokenizer_name_or_path: str = "unsloth/DeepSeek-OCR",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        """
+        Args:
+            source: hub dataset id, imagefolder folder, JSONL manifest (may contain `{split}`), save_to_disk folder.
+            source_type: what `source` is; `auto` looks at the disk, else hub. `synthetic` renders Persian lines
+                into `source` (imagefolder layout) first if it is missing: offline demo and tests.
+            train_split: training split and slice, e.g. `train[:1000]`.
+            val_split: validation split and slice, or null for no validation.
+            test_split: split for the `test` subcommand, or null.
+            image_column: column holding the image (Parsynth: `image_path`; imagefolder: `image`).
+            text_column: column holding the transcription.
+            instruction: user prompt; must contain one `<image>`.
+            mode: resolution mode: tiny (512), small (640), base (1024), large (1280), gundam (1024 + 640 crops).
+            base_size: override the mode's global-view side.
+            image_size: override the mode's crop-tile side.
+            crop_mode: override whether large images are cut into tiles.
+            train_on_responses_only: learn the transcription only (prompt and image masked with -100).
+            max_length: cap on sequence length (the response is cut), or null.
+            batch_size: training micro-batch size.
+            eval_batch_size: validation/test batch size (batched generation).
+            num_workers: DataLoader worker processes (the collator's pixel work runs there).
+            shuffle: shuffle the training split (off to compare runs on the same batches).
+            dataset_revision: hub revision to pin the dataset to.
+            synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
+            seed: seed of the synthetic lines.
+            tokenizer_name_or_path: where the tokenizer comes from (linked to the model's checkpoint by the CLI).
+            trust_remote_code: allow the checkpoint's code for the tokenizer (linked to the model's setting).
+            revision: checkpoint revision for the tokenizer (linked to the model's setting).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def mode(self) -> Mode:
+        hp, base = self.hparams, MODES[self.hparams.mode]
+        return Mode(
+            hp.base_size or base.base_size,
+            hp.image_size or base.image_size,
+            base.crop_mode if hp.crop_mode is None else hp.crop_mode,
+        )
+
+    def resolved_type(self) -> str:
+        hp = self.hparams
+        return detect_source(hp.source) if hp.source_type == "auto" else hp.source_type
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.source_type == "synthetic" and not Path(hp.source).exists():
+            from .render import write_imagefolder
+
+            write_imagefolder(hp.source, hp.synthetic_sizes or {"train": 64, "test": 16}, seed=hp.seed)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
+        wanted = {"fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split]}
+        for split in wanted.get(stage, []):
+            if split and split not in self.datasets:
+                self.datasets[split] = self.load_split(split)
+
+    def load_split(self, spec: str) -> Dataset:
+        """One split of the configured source as `{"image", "text"}` samples."""
+        hp, kind = self.hparams, self.resolved_type()
+        if kind == "jsonl":
+            return self.load_jsonl(spec)
+        if kind == "disk":
+            import datasets
+
+            name, part = parse_split(spec)
+            table = datasets.load_from_disk(hp.source)
+            table = table[name] if isinstance(table, datasets.DatasetDict) else table
+            table = table.select(range(len(table))[part])
+        else:
+            import datasets
+
+            args = ("imagefolder",) if kind in ("imagefolder", "synthetic") else (hp.source,)
+            extra = (
+                {"data_dir": hp.source} if kind in ("imagefolder", "synthetic") else {"revision": hp.dataset_revision}
+            )
+            table = datasets.load_dataset(*args, split=spec, **extra)
+        check_columns(table.column_names, [hp.image_column, hp.text_column], f"{hp.source} {spec}")
+        return OCRSamples(table, hp.image_column, hp.text_column)
+
+    def load_jsonl(self, spec: str) -> Dataset:
+        """A manifest of {image: path relative to the manifest, text}; `{split}` in the path picks the file."""
+        hp = self.hparams
+        name, part = parse_split(spec)
+        path = Path(hp.source.format(split=name))
+        rows = read_jsonl(path)[part]
+        check_columns(list(rows[0]) if rows else [], [hp.image_column, hp.text_column], f"{path} {spec}")
+        return OCRSamples(rows, hp.image_column, hp.text_column, root=path.parent)
+
+    def collator(self, with_prompts: bool) -> OCRCollator:
+        hp = self.hparams
+        return OCRCollator(
+            self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts
+        )
+
+    def loader(self, split: str, shuffle: bool, batch_size: int, with_prompts: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=self.collator(with_prompts),
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.hparams.train_split, self.hparams.shuffle, self.hparams.batch_size, False)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.hparams.val_split:
+            return []
+        return self.loader(self.hparams.val_split, False, self.hparams.eval_batch_size, True)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.hparams.test_split:
+            raise ValueError("set data.test_split to run `test`")
+        return self.loader(self.hparams.test_split, False, self.hparams.eval_batch_size, True)

@@ -1,0 +1,37 @@
+"""Batched greedy generation from left-padded prompts (what validation and prediction share)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding as the reference `infer`: greedy with an n-gram repeat block, length capped."""
+
+    max_new_tokens: int = 256  # cap on new tokens per line (the reference allows 8192)
+    no_repeat_ngram_size: int = 20  # the reference's value (35 in its eval mode)
+
+
+@torch.no_grad()
+def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
+    """Decode the new tokens of each left-padded prompt in `batch` (keys from the collator's prompt_batch)."""
+    prompt = batch["prompt_input_ids"]
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=batch["prompt_attention_mask"],
+        images=batch["images"],
+        images_seq_mask=batch["prompt_images_seq_mask"],
+        images_spatial_crop=batch["images_spatial_crop"],
+        max_new_tokens=settings.max_new_tokens,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = out[:, prompt.shape[1] :]  # [B, T_new]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

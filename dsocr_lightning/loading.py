@@ -1,0 +1,181 @@
+"""Load DeepSeek-OCR (hub id or local folder) with LoRA, through Unsloth on a GPU or plain transformers + peft.
+
+Both paths give a peft model whose only trainable weights are float32 LoRA adapters on the language model.
+Heavy imports stay inside functions: Unsloth must be imported before transformers and peft when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "unsloth", "transformers"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA as the reference recipe: r16 on every attention and MLP projection of the language model."""
+
+    r: int = 16  # adapter rank
+    alpha: int = 16  # scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))  # module-name suffixes
+    use_rslora: bool = False  # rank-stabilised scaling
+    random_state: int = 3407  # seed of the adapter initialisation
+    loftq_config: dict[str, Any] | None = None  # LoftQ initialisation (Unsloth path only), None for plain LoRA
+
+
+@dataclass
+class LoadSettings:
+    """Where the model comes from and how it is placed in memory."""
+
+    model_name_or_path: str = "unsloth/DeepSeek-OCR"
+    backend: Backend = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    dtype: DType = "auto"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = True
+    unsloth_force_compile: bool = True
+
+
+def unsloth_available() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(backend: Backend) -> str:
+    """auto = Unsloth when a CUDA GPU and Unsloth are both there, else transformers + peft."""
+    if backend == "unsloth" and not torch.cuda.is_available():
+        raise RuntimeError("backend 'unsloth' needs an NVIDIA GPU; use backend 'transformers' on this machine")
+    if backend == "unsloth" and not unsloth_available():
+        raise RuntimeError("backend 'unsloth' asked for but Unsloth is not installed: pip install -e '.[unsloth]'")
+    if backend != "auto":
+        return backend
+    chosen = "unsloth" if torch.cuda.is_available() and unsloth_available() else "transformers"
+    rank_zero_info(f"backend auto -> {chosen} (cuda={torch.cuda.is_available()}, unsloth={unsloth_available()})")
+    return chosen
+
+
+def resolve_dtype(dtype: DType) -> torch.dtype:
+    """auto = bf16 where the GPU has it, fp16 on older GPUs (the T4), float32 on CPU."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def require_trust(settings: LoadSettings) -> None:
+    if not settings.trust_remote_code:
+        raise ValueError(
+            "DeepSeek-OCR ships its model code inside the checkpoint: set trust_remote_code: true to run that "
+            f"code from {settings.model_name_or_path!r} (read it first if you do not trust the source)"
+        )
+
+
+def load_model(settings: LoadSettings, lora: LoraSettings) -> tuple[Any, Any, str]:
+    """(peft model, tokenizer, backend used), trainable-parameter count logged."""
+    require_trust(settings)
+    backend = resolve_backend(settings.backend)
+    loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
+    model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
+    for param in model.parameters():  # LoRA weights train in float32 whatever the base dtype
+        if param.requires_grad:
+            param.data = param.data.float()
+    trainable, total = count_parameters(model)
+    rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
+    return model, tokenizer, backend
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def peft_config(lora: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        bias="none",
+    )
+
+
+def load_with_transformers(settings: LoadSettings, lora: LoraSettings, dtype: torch.dtype) -> tuple[Any, Any]:
+    """AutoModel with the checkpoint's remote code, peft LoRA, non-reentrant gradient checkpointing."""
+    from peft import get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    if settings.load_in_4bit:
+        raise ValueError("load_in_4bit is supported on the Unsloth backend only")
+    if lora.loftq_config is not None:
+        raise ValueError("loftq_config is supported on the Unsloth backend only")
+    common = {"trust_remote_code": True, "revision": settings.revision}
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_name_or_path, **common)
+    model = AutoModel.from_pretrained(settings.model_name_or_path, dtype=dtype, use_safetensors=True, **common)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    torch.manual_seed(lora.random_state)  # adapter init seeded like Unsloth's random_state
+    return get_peft_model(model, peft_config(lora)), tokenizer
+
+
+def load_with_unsloth(settings: LoadSettings, lora: LoraSettings, dtype: torch.dtype) -> tuple[Any, Any]:
+    """FastVisionModel with the recipe's arguments (Unsloth is imported before transformers here)."""
+    import unsloth  # noqa: F401  (patches transformers/peft; must come first)
+    from transformers import AutoModel
+    from unsloth import FastVisionModel
+
+    model, tokenizer = FastVisionModel.from_pretrained(
+        settings.model_name_or_path,
+        load_in_4bit=settings.load_in_4bit,
+        auto_model=AutoModel,
+        trust_remote_code=True,
+        unsloth_force_compile=settings.unsloth_force_compile,
+        use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False,
+        dtype=dtype,
+        revision=settings.revision,
+    )
+    model = FastVisionModel.get_peft_model(
+        model,
+        target_modules=list(lora.target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        random_state=lora.random_state,
+        use_rslora=lora.use_rslora,
+        loftq_config=lora.loftq_config,
+    )
+    FastVisionModel.for_training(model)
+    return model, tokenizer
+
+
+def set_inference(model: Any, backend: str, inference: bool) -> None:
+    """Unsloth keeps separate training and inference set-ups; plain peft needs nothing but eval()/train()."""
+    if backend != "unsloth":
+        return
+    from unsloth import FastVisionModel
+
+    (FastVisionModel.for_inference if inference else FastVisionModel.for_training)(model)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The checkpoint's tokenizer alone (no weights): what the data module's collator needs."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)

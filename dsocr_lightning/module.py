@@ -1,0 +1,182 @@
+"""The LightningModule: DeepSeek-OCR + LoRA, loss per optimizer step, CER by batched generation.
+
+It orchestrates; the model (remote code), collator, optimizer and metrics live in their own modules.
+Weights load in `configure_model`, never in `__init__`, so `--print_config` touches nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from .generation import GenerationSettings, generate_texts
+from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
+from .metrics import CERMetrics
+from .optim import OptimizerName, build_optimizer, linear_warmup_decay
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
+
+
+class DeepSeekOCRModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "unsloth/DeepSeek-OCR",
+        backend: Backend = "auto",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        dtype: DType = "auto",
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = True,
+        unsloth_force_compile: bool = True,
+        lora: LoraSettings = LoraSettings(),
+        optimizer: OptimizerName = "adamw8bit",
+        lr: float = 2e-4,
+        weight_decay: float = 0.001,
+        warmup_steps: int = 5,
+        generation: GenerationSettings = GenerationSettings(),
+        adapter_dir: str | None = None,
+        make_standin: bool = False,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: hub id or local folder (what `snapshot_download` made) of the checkpoint.
+            backend: `unsloth`, `transformers` (+ peft), or `auto` (Unsloth when a GPU and Unsloth are there).
+            trust_remote_code: run the model code shipped in the checkpoint; DeepSeek-OCR cannot load without it.
+            revision: hub revision (branch, tag or commit) to pin the checkpoint to.
+            dtype: base weights' dtype; `auto` = bf16 where the GPU has it, else fp16, float32 on CPU.
+            load_in_4bit: QLoRA-style 4-bit base weights (Unsloth backend).
+            gradient_checkpointing: recompute activations in backward ("unsloth" mode, or non-reentrant).
+            unsloth_force_compile: Unsloth's compile-time optimisations (Unsloth backend).
+            lora: the adapter: rank, alpha, dropout, target modules, rslora, seed.
+            optimizer: `adamw8bit` (bitsandbytes) or `adamw` (torch).
+            lr: peak learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: optimizer steps of linear warmup from 0, then linear decay to 0 at the last step.
+            generation: validation decoding (max new tokens, n-gram repeat block).
+            adapter_dir: also save the final LoRA adapter + tokenizer here (always saved in the run's log folder).
+            make_standin: TEST ONLY: write the tiny random stand-in checkpoint into `model_name_or_path` if that
+                folder does not exist (offline demo and tests); never a real model.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        # The CLI may hand nested settings over as dicts; keep typed copies.
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
+        self.generation = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**generation)
+        self.load_settings = LoadSettings(
+            model_name_or_path, backend, trust_remote_code, revision, dtype, load_in_4bit,
+            gradient_checkpointing, unsloth_force_compile,
+        )  # fmt: skip
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.backend: str | None = None
+        self.base_dtype = torch.float32
+        self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step
+        self.val_cer = CERMetrics()
+        self.strict_loading = False  # checkpoints hold the LoRA weights only
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.hparams.make_standin and not Path(self.hparams.model_name_or_path).exists():
+            from .standin import write_standin_checkpoint
+
+            write_standin_checkpoint(self.hparams.model_name_or_path)
+            rank_zero_info(f"wrote the tiny TEST STAND-IN checkpoint to {self.hparams.model_name_or_path}")
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer, self.backend = load_model(self.load_settings, self.lora)
+            self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(**{k: batch[k] for k in MODEL_KEYS})
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Pixels travel as float32 and meet the vision towers in the base weights' dtype."""
+        dtype = self.base_dtype
+        batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch["images"]]
+        return batch
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.train_loss.update(loss.detach())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One `train/loss` per optimizer step: the mean over its accumulated micro-batches (as HF logs it)."""
+        self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self.train_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = linear_warmup_decay(optimizer, hp.warmup_steps, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation / test ---------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        set_inference(self.model, self.backend, True)
+
+    def on_validation_epoch_end(self) -> None:
+        set_inference(self.model, self.backend, False)
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    def evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+        size = len(batch["texts"])
+        self.log(f"{prefix}/loss", self(batch).loss, batch_size=size, sync_dist=True)
+        predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
+        self.val_cer.update(predictions, batch["texts"])
+        self.log_dict(self.val_cer.metrics(prefix), batch_size=size, prog_bar=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    # ---- checkpoints and the adapter -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trainable (LoRA) weights: the 3.4B frozen base stays in the model folder."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # plain types only, so that the checkpoint loads with torch.load(weights_only=True)
+        checkpoint["hyper_parameters"] = {
+            k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint.get("hyper_parameters", {}).items()
+        }
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        targets = [Path(self.trainer.log_dir or ".") / "lora_model"]
+        if self.hparams.adapter_dir:
+            targets.append(Path(self.hparams.adapter_dir))
+        for target in targets:
+            save_adapter(self.model, self.tokenizer, target)
+            rank_zero_info(f"LoRA adapter + tokenizer saved to {target}")
+
+
+def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
+    """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = target.with_name(f".{target.name}-old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
