@@ -40,3 +40,6 @@ if __name__ == "__main__":
     )
     print("|---|---|---|---|---|---|---|")
     print(row(args.name, args.log_dir, args.skip))
+    events = EventAccumulator(args.log_dir)
+    events.Reload()
+    print("losses:", " ".join(f"{v:.4f}" for v in series(events, "train/loss")))

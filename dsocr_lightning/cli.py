@@ -40,16 +40,6 @@ class OCRLightningCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("model.revision", "data.revision")
 
-    def before_instantiate_classes(self) -> None:
-        """Unsloth must be imported before transformers/peft: do it first when it will be the backend."""
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        backend = config.get("model", {}).get("backend", "auto")
-        if backend != "transformers":
-            from .loading import resolve_backend
-
-            if resolve_backend(backend) == "unsloth":
-                import unsloth  # noqa: F401
-
 
 def main(args: list[str] | None = None) -> OCRLightningCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

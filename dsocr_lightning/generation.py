@@ -17,8 +17,8 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
-    """Decode the new tokens of each left-padded prompt in `batch` (keys from the collator's prompt_batch)."""
+def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
+    """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
     prompt = batch["prompt_input_ids"]
     out = model.generate(
         input_ids=prompt,
@@ -33,5 +33,10 @@ def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: 
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    new_tokens = out[:, prompt.shape[1] :]  # [B, T_new]
+    return out[:, prompt.shape[1] :]
+
+
+def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
+    """Greedy transcriptions of the batch's images, special tokens dropped, stripped."""
+    new_tokens = generate_tokens(model, tokenizer, batch, settings)
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

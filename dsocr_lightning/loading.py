@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .checks import check_model_source
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "unsloth", "transformers"]
@@ -85,9 +87,16 @@ def require_trust(settings: LoadSettings) -> None:
 def load_model(settings: LoadSettings, lora: LoraSettings) -> tuple[Any, Any, str]:
     """(peft model, tokenizer, backend used), trainable-parameter count logged."""
     require_trust(settings)
+    check_model_source(settings.model_name_or_path)
     backend = resolve_backend(settings.backend)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
-    model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
+    try:
+        model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
+    except OSError as error:  # hub id unknown, offline, gated: transformers' message is long and indirect
+        raise OSError(
+            f"could not load {settings.model_name_or_path!r}: {error}\nOffline or behind a proxy? Download it "
+            "where there is a network (huggingface_hub.snapshot_download) and pass the folder."
+        ) from error
     for param in model.parameters():  # LoRA weights train in float32 whatever the base dtype
         if param.requires_grad:
             param.data = param.data.float()

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from .checks import check_precision
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
 from .metrics import CERMetrics
@@ -89,6 +90,9 @@ class DeepSeekOCRModule(L.LightningModule):
 
             write_standin_checkpoint(self.hparams.model_name_or_path)
             rank_zero_info(f"wrote the tiny TEST STAND-IN checkpoint to {self.hparams.model_name_or_path}")
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
 
     def configure_model(self) -> None:
         if self.model is None:
