@@ -1,7 +1,8 @@
-"""Throughput and memory per optimizer step, logged as `perf/*` (what the benchmarks read)."""
+"""Callbacks: throughput and memory per optimizer step (`perf/*`), and the count of skipped bad samples."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -36,3 +37,48 @@ class SpeedMonitor(L.Callback):
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+log = logging.getLogger(__name__)
+
+
+class BadSamples(L.Callback):
+    """Counts the samples the collator skipped (policy `skip`), logs `data/skipped` and the first reasons, and
+    fails the run when more than `max_fraction` of the samples seen so far were bad."""
+
+    def __init__(self, max_fraction: float = 0.01, min_samples: int = 100, show: int = 5) -> None:
+        """
+        Args:
+            max_fraction: largest tolerated share of bad samples before the run stops.
+            min_samples: samples to see before the share is judged (a few early bad ones are not a trend).
+            show: how many reasons to log in full.
+        """
+        self.max_fraction, self.min_samples, self.show = max_fraction, min_samples, show
+        self.bad = self.seen = 0
+
+    def count(self, batch: dict[str, Any], pl_module: L.LightningModule) -> None:
+        skipped = batch.get("skipped", [])
+        self.seen += len(skipped) + len(batch.get("texts", []))
+        for split, index, path, reason in skipped:
+            self.bad += 1
+            if self.bad <= self.show:
+                log.warning("skipped bad sample %d: split %r index %s (%s): %s", self.bad, split, index, path, reason)
+        if skipped:
+            pl_module.log("data/skipped", float(self.bad), on_step=True, reduce_fx="max")
+        if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
+            raise RuntimeError(
+                f"{self.bad} of {self.seen} samples were bad (> {self.max_fraction:.1%}): fix the data or raise "
+                "--bad_samples.max_fraction"
+            )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.count(batch, pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch: Any, idx: int, dataloader_idx: int = 0) -> None:
+        self.count(batch, pl_module)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"bad": self.bad, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.bad, self.seen = state["bad"], state["seen"]

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import SpeedMonitor
+from .callbacks import BadSamples, SpeedMonitor
+from .checkpoint_io import AtomicCheckpointIO
 from .data import OCRDataModule
 from .module import DeepSeekOCRModule
 
 TRAINER_DEFAULTS = {
+    # the data module shards by rank itself (resumable, no duplicated evaluation samples)
+    "use_distributed_sampler": False,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": ".", "name": "lightning_logs"},
@@ -35,10 +42,32 @@ class OCRLightningCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(SpeedMonitor, "speed_monitor")
+        parser.add_lightning_class_args(BadSamples, "bad_samples")
         # The collator's tokenizer is the checkpoint's own: one setting, two users.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("model.revision", "data.revision")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Checkpoints are written atomically unless the config brings its own checkpoint plugin."""
+        plugins = self.config_init[self.subcommand]["trainer"].get("plugins") if self.subcommand else None
+        if not plugins:
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """`--ckpt_path last` means the newest run's last.ckpt, continued in that run's log folder."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if not config or config.get("ckpt_path") != "last":
+            return
+        logger = config["trainer"]["logger"]
+        root = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["name"]
+        found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root}")
+        config["ckpt_path"] = str(found[-1])
+        logger["init_args"]["version"] = found[-1].parents[1].name
+        rank_zero_info(f"resuming from {found[-1]}")
 
 
 def main(args: list[str] | None = None) -> OCRLightningCLI:

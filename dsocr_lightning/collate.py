@@ -8,12 +8,13 @@ Training batches are right padded with PAD; generation prompts are left padded, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .images import MODES, Mode, image_token_count, preprocess
+from .images import MODES, Mode, image_token_count, load_image, preprocess
 
+BadSamplePolicy = Literal["error", "skip"]
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
 DEFAULT_INSTRUCTION = "<image>\nFree OCR. "
@@ -26,6 +27,14 @@ class Encoded:
     prompt: list[int]
     image_mask: list[bool]
     response: list[int]
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be trained on, named by split, index and path."""
+
+
+class BadSample(Exception):
+    """Internal: why one sample was rejected (the policy decides what happens next)."""
 
 
 def split_instruction(instruction: str) -> tuple[str, str]:
@@ -41,7 +50,10 @@ def special_ids(tokenizer: Any) -> tuple[int, int, int]:
     bos, pad, eos = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
     image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if bos is None or pad is None or eos is None:
-        raise ValueError("the tokenizer needs BOS, EOS and PAD tokens")
+        raise ValueError(
+            f"the tokenizer needs BOS, EOS and PAD tokens (bos={bos}, eos={eos}, pad={pad}); DeepSeek-OCR's "
+            "tokenizer has PAD <｜▁pad▁｜> = 2: load the checkpoint's own tokenizer"
+        )
     if pad == eos:
         raise ValueError("PAD equals EOS: EOS labels would be masked and the model would never learn to stop")
     if image is None or image == tokenizer.unk_token_id:
@@ -57,7 +69,12 @@ def pad_to(rows: list[list], value: Any, left: bool = False) -> list[list]:
 
 @dataclass
 class OCRCollator:
-    """Turns `{"image": PIL, "text": str}` samples into model batches; runs in DataLoader workers."""
+    """Turns `{"image", "text"}` samples into model batches; runs in DataLoader workers.
+
+    Samples may also carry `index`, `path` and `error` (set by the dataset when the image could not be read).
+    A bad sample raises `BadSampleError` (policy `error`) or is dropped and reported in `batch["skipped"]`
+    (policy `skip`) as `(split, index, path, reason)`; a batch whose samples were all bad has no tensors.
+    """
 
     tokenizer: Any
     mode: Mode = field(default_factory=lambda: MODES["gundam"])
@@ -65,6 +82,8 @@ class OCRCollator:
     train_on_responses_only: bool = True
     max_length: int | None = None
     with_prompts: bool = False  # also emit left-padded prompt-only tensors for generation
+    policy: BadSamplePolicy = "error"
+    split: str = "train"
 
     def __post_init__(self) -> None:
         self.before, self.after = split_instruction(self.instruction)
@@ -80,9 +99,24 @@ class OCRCollator:
         prompt = [self.bos_id, *before, *[self.image_id] * count, *after]
         image_mask = [False] * (1 + len(before)) + [True] * count + [False] * len(after)
         response = self.encode_text(f"{text.strip()} {self.tokenizer.eos_token}")
-        if self.max_length is not None:
-            response = response[: max(0, self.max_length - len(prompt))]
         return Encoded(prompt, image_mask, response)
+
+    def prepare(self, sample: dict[str, Any]) -> tuple[tuple, Encoded]:
+        """Pixels and tokens of one sample, or `BadSample` with the reason."""
+        if sample.get("error"):
+            raise BadSample(sample["error"])
+        text = sample.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise BadSample(f"empty or whitespace-only text: {text!r}")
+        try:
+            view = preprocess(load_image(sample["image"]), self.mode)
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for unreadable data
+            raise BadSample(f"unreadable image: {error}") from error
+        enc = self.encode(text, view[2])
+        total = len(enc.prompt) + len(enc.response)
+        if self.max_length is not None and total > self.max_length:
+            raise BadSample(f"{total} tokens exceed max_length {self.max_length}")
+        return view, enc
 
     def labels_for(self, enc: Encoded) -> list[int]:
         """Response-only labels, or everything but the image positions."""
@@ -91,11 +125,28 @@ class OCRCollator:
         prompt = [IGNORE_INDEX if m else t for t, m in zip(enc.prompt, enc.image_mask)]
         return prompt + enc.response
 
+    def triage(self, samples: list[dict[str, Any]]) -> tuple[list, list, list]:
+        """(good samples, their (view, encoded), skipped reports); raises under the `error` policy."""
+        good, prepared, skipped = [], [], []
+        for position, sample in enumerate(samples):
+            try:
+                prepared.append(self.prepare(sample))
+                good.append(sample)
+            except BadSample as reason:
+                where = (self.split, sample.get("index", position), str(sample.get("path", "")), str(reason))
+                if self.policy == "error":
+                    raise BadSampleError("bad sample in split {!r} at index {} ({}): {}".format(*where)) from None
+                skipped.append(where)
+        return good, prepared, skipped
+
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        views = [preprocess(s["image"], self.mode) for s in samples]
-        encoded = [self.encode(s["text"], grid) for s, (_, _, grid) in zip(samples, views)]
+        good, prepared, skipped = self.triage(samples)
+        batch: dict[str, Any] = {"texts": [s["text"] for s in good], "skipped": skipped}
+        if not good:
+            return batch
+        views, encoded = [v for v, _ in prepared], [e for _, e in prepared]
         ids = pad_to([e.prompt + e.response for e in encoded], self.pad_id)
-        batch = {
+        batch |= {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(pad_to([self.labels_for(e) for e in encoded], IGNORE_INDEX), dtype=torch.long),
             "images_seq_mask": torch.tensor(
@@ -103,9 +154,9 @@ class OCRCollator:
             ),
             "images": [(crops, glob) for crops, glob, _ in views],
             "images_spatial_crop": torch.tensor([list(grid) for _, _, grid in views], dtype=torch.long),
-            "texts": [s["text"] for s in samples],
         }
         batch["attention_mask"] = (batch["input_ids"] != self.pad_id).long()
+        check_image_tokens(batch)
         if self.with_prompts:
             batch.update(self.prompt_batch(encoded))
         return batch
@@ -119,3 +170,12 @@ class OCRCollator:
             "prompt_attention_mask": (ids != self.pad_id).long(),
             "prompt_images_seq_mask": torch.tensor(mask, dtype=torch.bool),
         }
+
+
+def check_image_tokens(batch: dict[str, Any]) -> None:
+    """Each row's image positions must be exactly what its views produce (global grid + crop grid)."""
+    for row, ((crops, glob), (cols, rows)) in enumerate(zip(batch["images"], batch["images_spatial_crop"].tolist())):
+        tiles = crops.shape[0] if crops.any() else 1
+        expected = image_token_count(glob.shape[-1], crops.shape[-1], cols, rows)
+        if tiles != cols * rows or int(batch["images_seq_mask"][row].sum()) != expected:
+            raise AssertionError(f"row {row}: image tokens disagree with its views ({cols} x {rows} grid)")

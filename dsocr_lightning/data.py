@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .collate import DEFAULT_INSTRUCTION, OCRCollator
+from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator
 from .images import MODES, Mode
 from .loading import load_tokenizer
+from .sampling import ResumableLoader, ShardedEpochSampler
 
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
 SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
@@ -45,7 +46,11 @@ def detect_source(source: str) -> str:
 
 
 class OCRSamples(Dataset):
-    """Rows of any indexable table -> `{"image": PIL, "text": str}`; image cells may be PIL images or paths."""
+    """Rows of any indexable table -> `{"image", "text", "index", "path"}`; image cells may be PIL images or paths.
+
+    Never raises for one bad row: an unreadable row comes back with an `error` and the collator's policy
+    decides (stop, naming split, index and path; or skip and count).
+    """
 
     def __init__(self, rows: Any, image_column: str, text_column: str, root: Path | None = None) -> None:
         self.rows, self.image_column, self.text_column, self.root = rows, image_column, text_column, root
@@ -54,11 +59,19 @@ class OCRSamples(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        image = row[self.image_column]
-        if not isinstance(image, Image.Image):
-            image = Image.open((self.root or Path()) / image)
-        return {"image": image, "text": row[self.text_column]}
+        sample: dict[str, Any] = {"index": index, "path": "", "text": None, "image": None}
+        try:
+            row = self.rows[index]  # a hub dataset decodes the image here
+            sample["text"], image = row.get(self.text_column), row.get(self.image_column)
+            if isinstance(image, Image.Image):
+                sample["path"] = getattr(image, "filename", "") or ""
+            else:
+                sample["path"] = str((self.root or Path()) / str(image))
+                image = Image.open(sample["path"])
+            sample["image"] = image
+        except Exception as error:  # noqa: BLE001  (any failure to read one row is that row's, reported by policy)
+            sample["error"] = f"unreadable row: {type(error).__name__}: {error}"
+        return sample
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -92,6 +105,7 @@ class OCRDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 2,
         shuffle: bool = True,
+        bad_sample_policy: BadSamplePolicy = "error",
         dataset_revision: str | None = None,
         synthetic_sizes: dict[str, int] | None = None,
         seed: int = 3407,
@@ -120,6 +134,8 @@ class OCRDataModule(L.LightningDataModule):
             eval_batch_size: validation/test batch size (batched generation).
             num_workers: DataLoader worker processes (the collator's pixel work runs there).
             shuffle: shuffle the training split (off to compare runs on the same batches).
+            bad_sample_policy: `error` stops at the first unusable sample, naming split, index and path; `skip`
+                drops it and counts it (the `bad_samples` callback fails the run past its fraction).
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
             seed: seed of the synthetic lines.
@@ -162,7 +178,17 @@ class OCRDataModule(L.LightningDataModule):
                 self.datasets[split] = self.load_split(split)
 
     def load_split(self, spec: str) -> Dataset:
-        """One split of the configured source as `{"image", "text"}` samples."""
+        """One split of the configured source as samples; a source or split that is not there says so plainly."""
+        try:
+            return self.read_split(spec)
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+            raise type(error)(
+                f"could not load split {spec!r} of {self.hparams.source!r} ({self.resolved_type()}): {error}\n"
+                "Check the dataset id or folder and the split name; offline, a hub dataset must be in the local "
+                "cache (or saved with save_to_disk and given as a folder)."
+            ) from error
+
+    def read_split(self, spec: str) -> Dataset:
         hp, kind = self.hparams, self.resolved_type()
         if kind == "jsonl":
             return self.load_jsonl(spec)
@@ -189,37 +215,52 @@ class OCRDataModule(L.LightningDataModule):
         hp = self.hparams
         name, part = parse_split(spec)
         path = Path(hp.source.format(split=name))
+        if not path.is_file():
+            raise FileNotFoundError(f"no manifest {path}")
         rows = read_jsonl(path)[part]
         check_columns(list(rows[0]) if rows else [], [hp.image_column, hp.text_column], f"{path} {spec}")
         return OCRSamples(rows, hp.image_column, hp.text_column, root=path.parent)
 
-    def collator(self, with_prompts: bool) -> OCRCollator:
+    def collator(self, with_prompts: bool, split: str = "train") -> OCRCollator:
         hp = self.hparams
         return OCRCollator(
-            self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts
-        )
+            self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts,
+            hp.bad_sample_policy, split,
+        )  # fmt: skip
 
-    def loader(self, split: str, shuffle: bool, batch_size: int, with_prompts: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=self.collator(with_prompts),
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def epoch_progress(self) -> int:
+        """Training batches the fit loop has processed in the current epoch (what a resume must skip)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
+    def loader(self, split: str, train: bool) -> DataLoader:
+        hp, (rank, world) = self.hparams, self.rank_and_world()
+        dataset = self.datasets[split]
+        shuffle = train and hp.shuffle
+        sampler = ShardedEpochSampler(len(dataset), shuffle, hp.seed, rank, world, pad=train)
+        return ResumableLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            collate_fn=self.collator(not train, split),
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
+            persistent_workers=hp.num_workers > 0,
+            progress=self.epoch_progress if train else (lambda: 0),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.hparams.train_split, self.hparams.shuffle, self.hparams.batch_size, False)
+        return self.loader(self.hparams.train_split, train=True)
 
     def val_dataloader(self) -> DataLoader:
         if not self.hparams.val_split:
             return []
-        return self.loader(self.hparams.val_split, False, self.hparams.eval_batch_size, True)
+        return self.loader(self.hparams.val_split, train=False)
 
     def test_dataloader(self) -> DataLoader:
         if not self.hparams.test_split:
             raise ValueError("set data.test_split to run `test`")
-        return self.loader(self.hparams.test_split, False, self.hparams.eval_batch_size, True)
+        return self.loader(self.hparams.test_split, train=False)

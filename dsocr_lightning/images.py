@@ -81,6 +81,28 @@ def choose_grid(width: int, height: int, image_size: int) -> tuple[int, int]:
     return best
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: EXIF rotation applied, transparency over white, 16-bit/float scaled to 8 bits."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Image.Image) -> Image.Image:
+    """Open and fully decode a path (truncated files fail here, not later), or take a PIL image as is."""
+    image = Image.open(source) if not isinstance(source, Image.Image) else source
+    image.load()
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"zero-size image ({image.width} x {image.height})")
+    return to_rgb(image)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]: (x / 255 - 0.5) / 0.5."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -111,7 +133,7 @@ def wants_crops(image: Image.Image, image_size: int, crop_mode: bool) -> bool:
 
 
 def preprocess(image: Image.Image, mode: Mode) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """One image -> (crops [P,3,S,S] or zeros [1,3,B,B], global [1,3,B,B], (cols, rows))."""
+    """One RGB image -> (crops [P,3,S,S] or zeros [1,3,B,B], global [1,3,B,B], (cols, rows))."""
     image = image.convert("RGB")
     base = mode.base_size
     glob = to_tensor(global_view(image, base, mode.crop_mode)).unsqueeze(0)

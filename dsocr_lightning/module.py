@@ -6,23 +6,25 @@ Weights load in `configure_model`, never in `__init__`, so `--print_config` touc
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from .checks import check_precision
+from .checks import check_precision, out_of_memory_message
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
 
+log = logging.getLogger(__name__)
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
 
 
@@ -44,6 +46,7 @@ class DeepSeekOCRModule(L.LightningModule):
         warmup_steps: int = 5,
         generation: GenerationSettings = GenerationSettings(),
         adapter_dir: str | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
     ) -> None:
         """
@@ -63,6 +66,8 @@ class DeepSeekOCRModule(L.LightningModule):
             warmup_steps: optimizer steps of linear warmup from 0, then linear decay to 0 at the last step.
             generation: validation decoding (max new tokens, n-gram repeat block).
             adapter_dir: also save the final LoRA adapter + tokenizer here (always saved in the run's log folder).
+            nonfinite_loss: on a NaN/inf loss, `stop` the run (no adapter is written over a good one) or `skip`
+                that micro-batch; either way it is logged with the step.
             make_standin: TEST ONLY: write the tiny random stand-in checkpoint into `model_name_or_path` if that
                 folder does not exist (offline demo and tests); never a real model.
         """
@@ -81,6 +86,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.base_dtype = torch.float32
         self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step
         self.val_cer = CERMetrics()
+        self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
 
     # ---- weights -------------------------------------------------------------------------------------------
@@ -105,18 +111,39 @@ class DeepSeekOCRModule(L.LightningModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Pixels travel as float32 and meet the vision towers in the base weights' dtype."""
         dtype = self.base_dtype
-        batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch["images"]]
+        batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch.get("images", [])]
         return batch
 
     # ---- training ------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not batch["texts"]:
+            return None  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
+        loss = self.guarded_forward(batch).loss
+        if not torch.isfinite(loss):
+            return self.on_nonfinite(loss, batch_idx)
         self.train_loss.update(loss.detach())
         return loss
 
+    def guarded_forward(self, batch: dict[str, Any]) -> Any:
+        """Forward, with the remedies spelled out when the GPU runs out of memory."""
+        try:
+            return self(batch)
+        except torch.cuda.OutOfMemoryError as error:
+            data = getattr(self._trainer, "datamodule", None)  # None outside a Trainer
+            size = data.hparams.batch_size if data is not None else len(batch["texts"])
+            mode = data.hparams.mode if data is not None else "?"
+            raise RuntimeError(out_of_memory_message(error, size, mode)) from error
+
+    def on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        message = f"non-finite loss {loss.item()} at global step {self.global_step} (batch {batch_idx})"
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(f"{message}: stopping; the last good checkpoint and adapter are kept")
+        log.warning("%s: skipping this micro-batch", message)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """One `train/loss` per optimizer step: the mean over its accumulated micro-batches (as HF logs it)."""
-        self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
+        if self.train_loss.update_count:
+            self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self.train_loss.reset()
 
@@ -140,7 +167,10 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def evaluate(self, batch: dict[str, Any], prefix: str) -> None:
         size = len(batch["texts"])
-        self.log(f"{prefix}/loss", self(batch).loss, batch_size=size, sync_dist=True)
+        if not size:
+            return
+        self.val_loss.update(self(batch).loss)
+        self.log(f"{prefix}/loss", self.val_loss, batch_size=size)
         predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
         self.val_cer.update(predictions, batch["texts"])
         self.log_dict(self.val_cer.metrics(prefix), batch_size=size, prog_bar=True)
@@ -176,8 +206,12 @@ def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
     """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = target.with_name(f".{target.name}-old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
