@@ -54,16 +54,21 @@ def unsloth_available() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def resolve_backend(backend: Backend) -> str:
-    """auto = Unsloth when a CUDA GPU and Unsloth are both there, else transformers + peft."""
+def resolve_backend(backend: Backend, world_size: int = 1) -> str:
+    """auto = Unsloth when a CUDA GPU and Unsloth are both there and the run is on one device; else
+    transformers + peft (the backend that runs data-parallel here)."""
+    if backend == "unsloth" and world_size > 1:
+        raise ValueError("backend 'unsloth' runs on one GPU here; use backend 'transformers' (or auto) with DDP")
     if backend == "unsloth" and not torch.cuda.is_available():
         raise RuntimeError("backend 'unsloth' needs an NVIDIA GPU; use backend 'transformers' on this machine")
     if backend == "unsloth" and not unsloth_available():
         raise RuntimeError("backend 'unsloth' asked for but Unsloth is not installed: pip install -e '.[unsloth]'")
     if backend != "auto":
         return backend
-    chosen = "unsloth" if torch.cuda.is_available() and unsloth_available() else "transformers"
-    rank_zero_info(f"backend auto -> {chosen} (cuda={torch.cuda.is_available()}, unsloth={unsloth_available()})")
+    single = world_size == 1
+    chosen = "unsloth" if single and torch.cuda.is_available() and unsloth_available() else "transformers"
+    why = f"cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, devices={world_size}"
+    rank_zero_info(f"backend auto -> {chosen} ({why})")
     return chosen
 
 
@@ -84,11 +89,11 @@ def require_trust(settings: LoadSettings) -> None:
         )
 
 
-def load_model(settings: LoadSettings, lora: LoraSettings) -> tuple[Any, Any, str]:
+def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) -> tuple[Any, Any, str]:
     """(peft model, tokenizer, backend used), trainable-parameter count logged."""
     require_trust(settings)
     check_model_source(settings.model_name_or_path)
-    backend = resolve_backend(settings.backend)
+    backend = resolve_backend(settings.backend, world_size)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))

@@ -102,7 +102,9 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer, self.backend = load_model(self.load_settings, self.lora)
+            self.model, self.tokenizer, self.backend = load_model(
+                self.load_settings, self.lora, self.trainer.world_size
+            )
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
 
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -192,9 +194,10 @@ class DeepSeekOCRModule(L.LightningModule):
         }
 
     def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if not self.trainer.is_global_zero:
             return
-        targets = [Path(self.trainer.log_dir or ".") / "lora_model"]
+        targets = [Path(log_dir or ".") / "lora_model"]
         if self.hparams.adapter_dir:
             targets.append(Path(self.hparams.adapter_dir))
         for target in targets:

@@ -1,40 +1,47 @@
 """Import Unsloth before anything imports transformers, when Unsloth will be the backend.
 
 `import lightning` already imports transformers (through torchmetrics), so the choice is made from the command
-line alone, before the CLI module is imported: `--model.backend` and the `model.backend` of `--config` files,
-the last one given winning, as the CLI itself reads them.
+line alone, before the CLI module is imported: `--model.backend` (and `--trainer.devices`/`--trainer.strategy`)
+and the same keys of `--config` files, the last one given winning, as the CLI itself reads them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 
-def requested_backend(argv: list[str]) -> str:
-    """The backend the command line asks for (`auto` when it names none)."""
-    backend, args = "auto", iter(argv)
+def requested(argv: list[str], section: str, key: str, default: Any) -> Any:
+    """The value the command line gives `section.key`, from flags and config files, else `default`."""
+    value, args = default, iter(argv)
     for arg in args:
-        key, _, value = arg.partition("=")
-        if key in ("--config", "-c"):
-            path = Path(value or next(args, ""))
+        flag, _, inline = arg.partition("=")
+        if flag in ("--config", "-c"):
+            path = Path(inline or next(args, ""))
             config = yaml.safe_load(path.read_text()) if path.is_file() else None
-            backend = ((config or {}).get("model") or {}).get("backend", backend)
-        elif key == "--model.backend":
-            backend = value or next(args, backend)
-    return backend
+            value = ((config or {}).get(section) or {}).get(key, value)
+        elif flag == f"--{section}.{key}":
+            value = inline or next(args, value)
+    return value
+
+
+def runs_on_several_devices(argv: list[str]) -> bool:
+    devices = str(requested(argv, "trainer", "devices", "auto"))
+    strategy = str(requested(argv, "trainer", "strategy", "auto"))
+    return "ddp" in strategy or "fsdp" in strategy or (devices.isdigit() and int(devices) > 1) or "," in devices
 
 
 def import_unsloth_first(argv: list[str]) -> bool:
     """Import Unsloth now if the run will use it; True when it did."""
-    backend = requested_backend(argv)
+    backend = requested(argv, "model", "backend", "auto")
     if backend == "transformers" or importlib.util.find_spec("unsloth") is None:
         return False
     import torch
 
-    if backend == "auto" and not torch.cuda.is_available():
+    if backend == "auto" and (not torch.cuda.is_available() or runs_on_several_devices(argv)):
         return False
     import unsloth  # noqa: F401  (patches transformers and peft on import)
 
