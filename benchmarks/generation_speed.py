@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of dense MoE decoding")
     args = parser.parse_args()
 
     settings = LoadSettings(args.model_dir, args.backend, trust_remote_code=True)
@@ -47,9 +48,13 @@ def main() -> None:
     for size in args.batch_sizes:
         batch = move_data_to_device(collate([samples[i] for i in range(size)]), "cuda")
         batch["images"] = [(c.bfloat16(), g.bfloat16()) for c, g in batch["images"]]
-        timed_generate(model, tokenizer, batch, GenerationSettings(max_new_tokens=4))  # warm-up
-        seconds, tokens = timed_generate(model, tokenizer, batch, GenerationSettings(args.max_new_tokens))
-        rows.append(f"| {backend} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
+        dense = not args.loop
+        timed_generate(model, tokenizer, batch, GenerationSettings(4, dense_moe=dense))  # warm-up
+        seconds, tokens = timed_generate(
+            model, tokenizer, batch, GenerationSettings(args.max_new_tokens, dense_moe=dense)
+        )
+        how = "dense MoE decode" if dense else "expert loop"
+        rows.append(f"| {backend}, {how} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
     print(f"| backend | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .fastmoe import dense_moe_decoding
+
 
 @dataclass
 class GenerationSettings:
@@ -14,25 +16,27 @@ class GenerationSettings:
 
     max_new_tokens: int = 256  # cap on new tokens per line (the reference allows 8192)
     no_repeat_ngram_size: int = 20  # the reference's value (35 in its eval mode)
+    dense_moe: bool = True  # decode steps run all experts in batched matmuls (fastmoe.py), not the expert loop
 
 
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
     """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
     prompt = batch["prompt_input_ids"]
-    out = model.generate(
-        input_ids=prompt,
-        attention_mask=batch["prompt_attention_mask"],
-        images=batch["images"],
-        images_seq_mask=batch["prompt_images_seq_mask"],
-        images_spatial_crop=batch["images_spatial_crop"],
-        max_new_tokens=settings.max_new_tokens,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with dense_moe_decoding(model, settings.dense_moe):
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            images=batch["images"],
+            images_seq_mask=batch["prompt_images_seq_mask"],
+            images_spatial_crop=batch["images_spatial_crop"],
+            max_new_tokens=settings.max_new_tokens,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     return out[:, prompt.shape[1] :]
 
 
