@@ -84,6 +84,7 @@ class OCRCollator:
     with_prompts: bool = False  # also emit left-padded prompt-only tensors for generation
     policy: BadSamplePolicy = "error"
     split: str = "train"
+    inference: bool = False  # transcriptions may be unknown (empty): only the prompt matters
 
     def __post_init__(self) -> None:
         self.before, self.after = split_instruction(self.instruction)
@@ -106,7 +107,9 @@ class OCRCollator:
         if sample.get("error"):
             raise BadSample(sample["error"])
         text = sample.get("text")
-        if not isinstance(text, str) or not text.strip():
+        if self.inference and text is None:
+            text = ""
+        if not isinstance(text, str) or (not text.strip() and not self.inference):
             raise BadSample(f"empty or whitespace-only text: {text!r}")
         try:
             view = preprocess(load_image(sample["image"]), self.mode)
@@ -141,7 +144,8 @@ class OCRCollator:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         good, prepared, skipped = self.triage(samples)
-        batch: dict[str, Any] = {"texts": [s["text"] for s in good], "skipped": skipped}
+        batch: dict[str, Any] = {"texts": [s["text"] or "" for s in good], "skipped": skipped}
+        batch["paths"] = [str(s.get("path", "")) for s in good]
         if not good:
             return batch
         views, encoded = [v for v, _ in prepared], [e for _, e in prepared]

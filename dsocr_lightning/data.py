@@ -38,7 +38,7 @@ def parse_split(spec: str) -> tuple[str, slice]:
 def detect_source(source: str) -> str:
     """What kind of source a string names, from what is on disk; anything else is a hub id."""
     path = Path(source)
-    if path.is_file() and path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" and (path.is_file() or "{split}" in source):
         return "jsonl"
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return "disk"
@@ -92,6 +92,8 @@ class OCRDataModule(L.LightningDataModule):
         train_split: str = "train[:1000]",
         val_split: str | None = "test[:100]",
         test_split: str | None = None,
+        predict_inputs: list[str] | None = None,
+        predict_split: str | None = None,
         image_column: str = "image_path",
         text_column: str = "text",
         instruction: str = DEFAULT_INSTRUCTION,
@@ -121,6 +123,8 @@ class OCRDataModule(L.LightningDataModule):
             train_split: training split and slice, e.g. `train[:1000]`.
             val_split: validation split and slice, or null for no validation.
             test_split: split for the `test` subcommand, or null.
+            predict_inputs: for `predict`: image files, folders and glob patterns (no reference text).
+            predict_split: for `predict`: a split of the source instead (its text is the reference, CER written).
             image_column: column holding the image (Parsynth: `image_path`; imagefolder: `image`).
             text_column: column holding the transcription.
             instruction: user prompt; must contain one `<image>`.
@@ -172,7 +176,10 @@ class OCRDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
-        wanted = {"fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split]}
+        wanted = {
+            "fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split],
+            "predict": [hp.predict_split],
+        }  # fmt: skip
         for split in wanted.get(stage, []):
             if split and split not in self.datasets:
                 self.datasets[split] = self.load_split(split)
@@ -221,11 +228,11 @@ class OCRDataModule(L.LightningDataModule):
         check_columns(list(rows[0]) if rows else [], [hp.image_column, hp.text_column], f"{path} {spec}")
         return OCRSamples(rows, hp.image_column, hp.text_column, root=path.parent)
 
-    def collator(self, with_prompts: bool, split: str = "train") -> OCRCollator:
+    def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
         hp = self.hparams
         return OCRCollator(
             self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts,
-            hp.bad_sample_policy, split,
+            hp.bad_sample_policy, split, inference,
         )  # fmt: skip
 
     def rank_and_world(self) -> tuple[int, int]:
@@ -236,9 +243,9 @@ class OCRDataModule(L.LightningDataModule):
         """Training batches the fit loop has processed in the current epoch (what a resume must skip)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
-    def loader(self, split: str, train: bool) -> DataLoader:
+    def loader(self, split: str, train: bool, dataset: Dataset | None = None) -> DataLoader:
         hp, (rank, world) = self.hparams, self.rank_and_world()
-        dataset = self.datasets[split]
+        dataset = self.datasets[split] if dataset is None else dataset
         shuffle = train and hp.shuffle
         sampler = ShardedEpochSampler(len(dataset), shuffle, hp.seed, rank, world, pad=train)
         return ResumableLoader(
@@ -246,7 +253,7 @@ class OCRDataModule(L.LightningDataModule):
             batch_size=hp.batch_size if train else hp.eval_batch_size,
             sampler=sampler,
             num_workers=hp.num_workers,
-            collate_fn=self.collator(not train, split),
+            collate_fn=self.collator(not train, split, inference=split == "predict"),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=hp.num_workers > 0,
             progress=self.epoch_progress if train else (lambda: 0),
@@ -264,3 +271,15 @@ class OCRDataModule(L.LightningDataModule):
         if not self.hparams.test_split:
             raise ValueError("set data.test_split to run `test`")
         return self.loader(self.hparams.test_split, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Images from `predict_inputs` (files, folders, globs), else the `predict_split` of the source."""
+        hp = self.hparams
+        if hp.predict_inputs:
+            from .predict import ImageFiles, expand_inputs
+
+            return self.loader("predict", train=False, dataset=ImageFiles(expand_inputs(hp.predict_inputs)))
+        if not hp.predict_split:
+            raise ValueError("set data.predict_inputs (files, folders, globs) or data.predict_split to run `predict`")
+        dataset = self.datasets[hp.predict_split]
+        return self.loader("predict", train=False, dataset=dataset)

@@ -48,6 +48,7 @@ class LoadSettings:
     load_in_4bit: bool = False
     gradient_checkpointing: bool = True
     unsloth_force_compile: bool = True
+    adapter_path: str | None = None
 
 
 def unsloth_available() -> bool:
@@ -102,12 +103,37 @@ def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) 
             f"could not load {settings.model_name_or_path!r}: {error}\nOffline or behind a proxy? Download it "
             "where there is a network (huggingface_hub.snapshot_download) and pass the folder."
         ) from error
+    if settings.adapter_path:
+        load_adapter_weights(model, settings.adapter_path)
     for param in model.parameters():  # LoRA weights train in float32 whatever the base dtype
         if param.requires_grad:
             param.data = param.data.float()
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
     return model, tokenizer, backend
+
+
+def load_adapter_weights(model: Any, adapter_path: str) -> None:
+    """Put a saved PEFT adapter's weights into the freshly made LoRA layers (the same code path for both
+    backends); its rank and targets must be the ones configured."""
+    import json
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_path)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    config = model.peft_config["default"]
+    if saved["r"] != config.r or set(saved["target_modules"]) != set(config.target_modules):
+        raise ValueError(
+            f"adapter {adapter_path} has r={saved['r']} on {sorted(saved['target_modules'])}; the model is set up "
+            f"with r={config.r} on {sorted(config.target_modules)}: set model.lora to match"
+        )
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    if result.unexpected_keys:
+        raise ValueError(f"adapter {adapter_path} has weights the model lacks: {result.unexpected_keys[:5]}")
+    rank_zero_info(f"loaded LoRA adapter weights from {adapter_path}")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

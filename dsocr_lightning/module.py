@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +46,9 @@ class DeepSeekOCRModule(L.LightningModule):
         warmup_steps: int = 5,
         generation: GenerationSettings = GenerationSettings(),
         adapter_dir: str | None = None,
+        adapter_path: str | None = None,
+        normalize_persian: bool = False,
+        log_samples: int = 4,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
     ) -> None:
@@ -66,6 +69,10 @@ class DeepSeekOCRModule(L.LightningModule):
             warmup_steps: optimizer steps of linear warmup from 0, then linear decay to 0 at the last step.
             generation: validation decoding (max new tokens, n-gram repeat block).
             adapter_dir: also save the final LoRA adapter + tokenizer here (always saved in the run's log folder).
+            adapter_path: start from this saved LoRA adapter (validate/test/predict "after", or continue training).
+            normalize_persian: also report CER after Persian normalisation (`*/cer_norm*`: Arabic yeh/kaf to
+                Persian, tatweel dropped, ZWNJ and digits unified, whitespace collapsed).
+            log_samples: validation samples shown in TensorBoard each time (image, reference, prediction, CER).
             nonfinite_loss: on a NaN/inf loss, `stop` the run (no adapter is written over a good one) or `skip`
                 that micro-batch; either way it is logged with the step.
             make_standin: TEST ONLY: write the tiny random stand-in checkpoint into `model_name_or_path` if that
@@ -78,14 +85,14 @@ class DeepSeekOCRModule(L.LightningModule):
         self.generation = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**generation)
         self.load_settings = LoadSettings(
             model_name_or_path, backend, trust_remote_code, revision, dtype, load_in_4bit,
-            gradient_checkpointing, unsloth_force_compile,
+            gradient_checkpointing, unsloth_force_compile, adapter_path,
         )  # fmt: skip
         self.model: Any = None
         self.tokenizer: Any = None
         self.backend: str | None = None
         self.base_dtype = torch.float32
         self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step
-        self.val_cer = CERMetrics()
+        self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
 
@@ -106,6 +113,8 @@ class DeepSeekOCRModule(L.LightningModule):
                 self.load_settings, self.lora, self.trainer.world_size
             )
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
+            if self.backend == "unsloth":  # its compiled decoder layers are left as Unsloth built them
+                self.generation = replace(self.generation, dense_moe=False)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_KEYS})
@@ -161,27 +170,49 @@ class DeepSeekOCRModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         set_inference(self.model, self.backend, True)
 
-    def on_validation_epoch_end(self) -> None:
-        set_inference(self.model, self.backend, False)
-
     on_test_epoch_start = on_validation_epoch_start
-    on_test_epoch_end = on_validation_epoch_end
 
-    def evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+    def evaluate(self, batch: dict[str, Any], prefix: str, batch_idx: int) -> None:
         size = len(batch["texts"])
         if not size:
             return
         self.val_loss.update(self(batch).loss)
         self.log(f"{prefix}/loss", self.val_loss, batch_size=size)
         predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
-        self.val_cer.update(predictions, batch["texts"])
-        self.log_dict(self.val_cer.metrics(prefix), batch_size=size, prog_bar=True)
+        cers = self.val_cer.update(predictions, batch["texts"])
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            show_samples(self.logger, prefix, batch, predictions, cers, self.hparams.log_samples, self.global_step)
+
+    def log_cer(self, prefix: str) -> None:
+        self.log_dict(self.val_cer.compute(prefix), prog_bar=True)
+        self.val_cer.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "val")
+        self.evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "test")
+        self.evaluate(batch, "test", batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_cer("val")
+        set_inference(self.model, self.backend, False)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_cer("test")
+        set_inference(self.model, self.backend, False)
+
+    def on_predict_epoch_start(self) -> None:
+        set_inference(self.model, self.backend, True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per image: path, transcription, and the reference when the data has one."""
+        if not batch["texts"]:
+            return []
+        predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
+        return [
+            {"path": path, "text": text, "reference": reference or None}
+            for path, text, reference in zip(batch["paths"], predictions, batch["texts"])
+        ]
 
     # ---- checkpoints and the adapter -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -221,3 +252,25 @@ def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def persian_normalizer() -> Any:
+    from .textnorm import normalize_persian
+
+    return normalize_persian
+
+
+def show_samples(logger: Any, prefix: str, batch: dict, predictions: list[str], cers: list[float], count: int,
+                 step: int) -> None:  # fmt: skip
+    """A few validation lines in TensorBoard: each image, and a table of reference | prediction | CER."""
+    writer = getattr(logger, "experiment", None)
+    if count <= 0 or not hasattr(writer, "add_image"):
+        return
+    rows = ["| # | reference | prediction | CER |", "|---|---|---|---|"]
+    for i, (views, ref, pred, cer) in enumerate(zip(batch["images"], batch["texts"], predictions, cers)):
+        if i == count:
+            break
+        image = (views[1][0].float().clamp(-1, 1) + 1) / 2  # the global view, [3, B, B] in [0, 1]
+        writer.add_image(f"{prefix}_samples/{i}", image.cpu(), step)
+        rows.append(f"| {i} | {ref} | {pred} | {cer:.3f} |")
+    writer.add_text(f"{prefix}_samples", "\n".join(rows), step)

@@ -44,7 +44,7 @@ def sample(n_text_before: int, count: int, n_text_after: int) -> list[int]:
 def images_batch(left: bool = False, extra: int = 0):
     """Sample 0: no crops, base 128. Sample 1: 2x1 crop grid (i=2 columns, j=1 row) at S=64, base 128."""
     gen = torch.Generator().manual_seed(0)
-    counts = [image_token_count(128), image_token_count(128, image_size=64, grid=(2, 1))]
+    counts = [image_token_count(128, 128), image_token_count(128, 64, 2, 1)]
     assert counts == [(2 + 1) * 2 + 1, (1 * 2 + 1) * (1 * 1) + (2 + 1) * 2 + 1] == [7, 10]
     seqs = [sample(3, counts[0] + extra, 2), sample(1, counts[1], 4)]
     images = [
@@ -179,7 +179,7 @@ def test_image_features_layout_and_counts(model):
         feats = inner.image_features(crops, global_view, torch.tensor([3, 2]))  # i=3 columns, j=2 rows
         tiles = inner.encode_view(crops)  # [6, m, m, h], side 100 -> m = 2 after zero padding
         glob = inner.encode_view(global_view)[0]  # side 150 -> n = 3
-    assert feats.shape[0] == image_token_count(150, image_size=100, grid=(3, 2)) == (2 * 3 + 1) * (2 * 2) + 4 * 3 + 1
+    assert feats.shape[0] == image_token_count(150, 100, 3, 2) == (2 * 3 + 1) * (2 * 2) + 4 * 3 + 1
     rows = []
     for r in range(2 * 2):  # tile k sits at row k // i, column k % i
         rows.extend(tiles[(r // 2) * 3 + c, r % 2, x] for c in range(3) for x in range(2))

@@ -6,6 +6,7 @@ image-token counts) are mimicked, so the fine-tuning code can be exercised on a 
 
 from __future__ import annotations
 
+from ..images import image_token_count
 from .checkpoint import write_standin_checkpoint
 from .tokenizer import IMAGE_TOKEN_ID, write_tokenizer
 
@@ -33,20 +34,3 @@ def expected_lora_params(
     moe = n_routed * 3 * (hidden + moe_intermediate) + 3 * (hidden + moe_intermediate * n_shared)
     n_dense = min(first_dense, layers)
     return r * (layers * attention + n_dense * dense + (layers - n_dense) * moe)
-
-
-def image_token_count(
-    base_size: int, image_size: int = 640, grid: tuple[int, int] | None = None, patch: int = 64
-) -> int:
-    """Image tokens the stand-in (and DeepSeek-OCR) expect for one sample.
-
-    Global view n = ceil(base/patch): (n + 1) * n; with a crop grid (i columns, j rows) of side image_size,
-    m = ceil(image_size/patch): (m * i + 1) * (m * j) more; plus one view separator.
-    """
-    n = -(-base_size // patch)
-    count = (n + 1) * n + 1
-    if grid is not None:
-        i, j = grid
-        m = -(-image_size // patch)
-        count += (m * i + 1) * (m * j)
-    return count
