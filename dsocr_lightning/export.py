@@ -1,0 +1,73 @@
+"""Merge a saved LoRA adapter into its base model and write a plain 16-bit checkpoint (no peft needed to load).
+
+python -m dsocr_lightning export lora_model deepseek_ocr_persian --trust_remote_code true [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def base_folder(base_model: str, revision: str | None) -> Path:
+    """A local folder holding the base checkpoint's code and configs (downloaded for a hub id)."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base_model, allow_patterns=["*.py", "*.json"], revision=revision))
+
+
+def export(
+    adapter_dir: str,
+    out_dir: str,
+    base_model: str | None = None,
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Path:
+    """Merge `adapter_dir` into its base and save weights (safetensors), config, remote code and tokenizer.
+
+    Args:
+        adapter_dir: a PEFT adapter folder as `fit` saves it (adapter + tokenizer).
+        out_dir: where the merged checkpoint goes (replaced whole, never half-written).
+        base_model: hub id or folder of the base; default: the adapter's `base_model_name_or_path`.
+        dtype: dtype of the saved weights.
+        trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR cannot load without it).
+        revision: hub revision of the base.
+    """
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    if not trust_remote_code:
+        raise ValueError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
+    adapter = Path(adapter_dir)
+    base = base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModel.from_pretrained(base, trust_remote_code=True, dtype=torch.float32, use_safetensors=True,
+                                      revision=revision)  # fmt: skip
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(getattr(torch, dtype))
+    target = Path(out_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    merged.save_pretrained(tmp, safe_serialization=True)
+    for code in base_folder(base, revision).glob("*.py"):
+        shutil.copy2(code, tmp / code.name)
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
+    AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True).save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    rank_zero_info(f"merged {adapter} into {base}: {target} ({dtype})")
+    return target
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from jsonargparse import CLI
+
+    return CLI(export, args=argv)
