@@ -199,21 +199,17 @@ class OCRDataModule(L.LightningDataModule):
         hp, kind = self.hparams, self.resolved_type()
         if kind == "jsonl":
             return self.load_jsonl(spec)
-        if kind == "disk":
-            import datasets
+        import datasets
 
+        if kind == "disk":
             name, part = parse_split(spec)
             table = datasets.load_from_disk(hp.source)
             table = table[name] if isinstance(table, datasets.DatasetDict) else table
             table = table.select(range(len(table))[part])
+        elif kind in ("imagefolder", "synthetic"):
+            table = datasets.load_dataset("imagefolder", data_dir=hp.source, split=spec)
         else:
-            import datasets
-
-            args = ("imagefolder",) if kind in ("imagefolder", "synthetic") else (hp.source,)
-            extra = (
-                {"data_dir": hp.source} if kind in ("imagefolder", "synthetic") else {"revision": hp.dataset_revision}
-            )
-            table = datasets.load_dataset(*args, split=spec, **extra)
+            table = datasets.load_dataset(hp.source, split=spec, revision=hp.dataset_revision)
         check_columns(table.column_names, [hp.image_column, hp.text_column], f"{hp.source} {spec}")
         return OCRSamples(table, hp.image_column, hp.text_column)
 
@@ -281,5 +277,4 @@ class OCRDataModule(L.LightningDataModule):
             return self.loader("predict", train=False, dataset=ImageFiles(expand_inputs(hp.predict_inputs)))
         if not hp.predict_split:
             raise ValueError("set data.predict_inputs (files, folders, globs) or data.predict_split to run `predict`")
-        dataset = self.datasets[hp.predict_split]
-        return self.loader("predict", train=False, dataset=dataset)
+        return self.loader("predict", train=False, dataset=self.datasets[hp.predict_split])
