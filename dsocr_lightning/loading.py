@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -94,6 +95,7 @@ def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) 
     """(peft model, tokenizer, backend used), trainable-parameter count logged."""
     require_trust(settings)
     check_model_source(settings.model_name_or_path)
+    settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     backend = resolve_backend(settings.backend, world_size)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
@@ -111,6 +113,12 @@ def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) 
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
     return model, tokenizer, backend
+
+
+def absolute_source(name_or_path: str) -> str:
+    """A local folder as an absolute path, a hub id as it is. The saved adapter records this as its base
+    (`base_model_name_or_path`), so that peft, Unsloth and `export` find the base from any working folder."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
 
 
 def load_adapter_weights(model: Any, adapter_path: str) -> None:

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
 from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.export import export
+from dsocr_lightning.export import export, report_rounding, update_rounding_error
 from dsocr_lightning.images import MODES
-from dsocr_lightning.loading import TARGET_MODULES
+from dsocr_lightning.loading import TARGET_MODULES, LoadSettings, LoraSettings, load_model
+from dsocr_lightning.module import save_adapter
 from dsocr_lightning.render import render_line
 
 KEYS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
@@ -69,3 +70,27 @@ def test_bfloat16_export_and_trust(adapter, tmp_path):
     out = export(str(folder), str(tmp_path / "bf16"), trust_remote_code=True)
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}  # noqa: SIM118
+
+
+def test_adapter_names_its_base_from_any_working_folder(standin_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(standin_dir.parent)  # the user trains with a relative folder, e.g. ./deepseek_ocr
+    settings = LoadSettings(standin_dir.name, "transformers", trust_remote_code=True)
+    model, tokenizer, _ = load_model(settings, LoraSettings())
+    save_adapter(model, tokenizer, tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)  # ... and loads the adapter somewhere else
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(standin_dir.resolve())
+    assert (export("adapter", "merged", trust_remote_code=True) / "model.safetensors").exists()
+
+
+def test_rounding_error_of_the_merged_update():
+    torch.manual_seed(0)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 256)), LoraConfig(r=4, target_modules=["0"]))
+    lora_b = layer.base_model.model[0].lora_B["default"].weight
+    lora_b.data.normal_(0, 0.05)
+    errors = {dtype: update_rounding_error(layer, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    assert errors[torch.float32] == 0 and 0 < errors[torch.float16] < errors[torch.bfloat16] < 0.3
+    lora_b.data.mul_(1e-4)  # an update far below bf16's spacing at the weights' size: rounded away whole
+    assert update_rounding_error(layer, torch.bfloat16) > 0.9
+    with pytest.warns(UserWarning, match="--dtype float16"):
+        report_rounding(update_rounding_error(layer, torch.bfloat16), "bfloat16")
