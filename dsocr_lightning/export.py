@@ -56,9 +56,9 @@ def export(
     base = base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = AutoModel.from_pretrained(base, trust_remote_code=True, dtype=torch.float32, use_safetensors=True,
                                       revision=revision)  # fmt: skip
-    peft_model = PeftModel.from_pretrained(model, adapter)
-    report_rounding(update_rounding_error(peft_model, getattr(torch, dtype)), dtype)
-    merged = peft_model.merge_and_unload().to(getattr(torch, dtype))
+    peft_model, saved_dtype = PeftModel.from_pretrained(model, adapter), getattr(torch, dtype)
+    report_rounding(update_rounding_error(peft_model, saved_dtype), dtype)
+    merged = peft_model.merge_and_unload().to(saved_dtype)
     target = Path(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -84,9 +84,10 @@ def update_rounding_error(peft_model: torch.nn.Module, dtype: torch.dtype) -> fl
     for layer in peft_model.modules():
         if isinstance(layer, LoraLayer):
             for name in layer.active_adapters:
-                merged = layer.get_base_layer().weight.float() + layer.get_delta_weight(name).float()
+                delta = layer.get_delta_weight(name).float()
+                merged = layer.get_base_layer().weight.float() + delta
                 lost += (merged.to(dtype).float() - merged).pow(2).sum().item()
-                update += layer.get_delta_weight(name).float().pow(2).sum().item()
+                update += delta.pow(2).sum().item()
     return (lost / update) ** 0.5 if update else 0.0
 
 
