@@ -72,7 +72,9 @@ class OCRLightningCLI(LightningCLI):
         rank_zero_info(f"resuming from {found[-1]}")
 
 
-def main(args: list[str] | None = None) -> OCRLightningCLI:
+def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:
+    """The CLI; `run=False` builds model, data and trainer from `args` (the first word is then no subcommand)
+    without running, as tests do to add a probe callback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return OCRLightningCLI(
         DeepSeekOCRModule,
@@ -82,4 +84,5 @@ def main(args: list[str] | None = None) -> OCRLightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )

@@ -113,6 +113,10 @@ class DeepSeekOCRModule(L.LightningModule):
                 self.load_settings, self.lora, self.trainer.world_size
             )
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
+            # from_pretrained returns an eval-mode model and Lightning keeps submodule modes: train mode here is
+            # what HF Trainer gives the reference (LoRA dropout, gradient checkpointing); the evaluation loops
+            # switch to eval mode and back themselves.
+            self.model.train()
             if self.backend == "unsloth":  # its compiled decoder layers are left as Unsloth built them
                 self.generation = replace(self.generation, dense_moe=False)
 
@@ -156,6 +160,7 @@ class DeepSeekOCRModule(L.LightningModule):
         if self.train_loss.update_count:
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self.log("train/grad_norm", gradient_norm(optimizer), on_step=True)  # before clipping, as HF logs it
         self.train_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -252,6 +257,12 @@ def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Total 2-norm of the gradients the optimizer is about to apply (unscaled under 16-mixed)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
 
 
 def persian_normalizer() -> Any:
