@@ -1,13 +1,15 @@
 """The reference notebook recipe for comparison: HF `Trainer` + Unsloth `FastVisionModel`, with the guide's
 arguments, on the same model folder and the same (unshuffled) batches as `python -m dsocr_lightning fit`.
 
-python benchmarks/reference_recipe.py MODEL_DIR DATA_DIR --steps 20
-Prints the trainable count, the first three losses, median s/step, samples/s and peak memory.
+python benchmarks/reference_recipe.py MODEL_DIR DATA_DIR --steps 20 [--json row.json]
+Prints the trainable count, the first three losses, median s/step, samples/s and peak memory; `--json` also writes
+them as one row of benchmarks/results/train_speed.json (HF Trainer defaults: train mode, max_grad_norm 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("data_dir")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="/tmp/reference_outputs")
+    parser.add_argument("--json", default=None, help="write the result row here")
     args = parser.parse_args()
 
     model, _ = FastVisionModel.from_pretrained(
@@ -89,6 +92,8 @@ def main() -> None:
     )  # fmt: skip
     trainer.train()
     steady = timer.times[2:]
+    if args.json:
+        write_row(args.json, timer, steady)
     print(f"trainable params: {trainable:,} of {total:,}")
     print(
         "| run | steps | first three losses | median s / step | median samples / s | peak allocated | peak reserved |"
@@ -99,6 +104,18 @@ def main() -> None:
         f"| {statistics.median(steady):.3f} | {8 / statistics.median(steady):.2f} "
         f"| {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB |"
     )
+
+
+def write_row(path: str, timer: Timer, steady: list[float]) -> None:
+    step = statistics.median(steady)
+    row = {
+        "run": "reference", "micro_batch": 2, "accumulation": 4, "precision": "bf16 (HF Trainer bf16=True)",
+        "samples_per_s": 8 / step, "median_step_s": step, "first_step_s": timer.times[0],
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "gpu_busy": None, "losses": timer.losses,
+    }  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(row, f)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .data import OCRDataModule
 from .module import DeepSeekOCRModule
 from .predict import JsonlPredictionWriter
+from .profiling import GpuProfile
 
 TRAINER_DEFAULTS = {
     # the data module shards by rank itself (resumable, no duplicated evaluation samples)
@@ -44,6 +45,7 @@ class OCRLightningCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(SpeedMonitor, "speed_monitor")
         parser.add_lightning_class_args(BadSamples, "bad_samples")
+        parser.add_lightning_class_args(GpuProfile, "gpu_profile")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
         # The collator's tokenizer is the checkpoint's own: one setting, two users.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")

@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fastmoe import dense_moe_decoding
-
 # Not cuDNN: its attention plans a graph per new shape, and every decode step has a new KV length
 # (profiled on an H100: 1.8 ms of CPU per call, a third of a generate call's CPU time). The others do not.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -21,14 +19,13 @@ class GenerationSettings:
 
     max_new_tokens: int = 256  # cap on new tokens per line (the reference allows 8192)
     no_repeat_ngram_size: int = 20  # the reference's value (35 in its eval mode)
-    dense_moe: bool = True  # decode steps run all experts in batched matmuls (fastmoe.py), not the expert loop
 
 
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
     """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
     prompt = batch["prompt_input_ids"]
-    with dense_moe_decoding(model, settings.dense_moe), sdpa_kernel(DECODE_ATTENTION):
+    with sdpa_kernel(DECODE_ATTENTION):
         out = model.generate(
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checks import check_model_source
+from .fast import FastPaths, apply_fast_paths
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,21 @@ class LoadSettings:
     gradient_checkpointing: bool = True
     unsloth_force_compile: bool = True
     adapter_path: str | None = None
+    fast: FastPaths = field(default_factory=FastPaths)
 
 
 def unsloth_available() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def resolve_backend(backend: Backend, world_size: int = 1) -> str:
-    """auto = Unsloth when a CUDA GPU and Unsloth are both there and the run is on one device; else
-    transformers + peft (the backend that runs data-parallel here)."""
+def grouped_experts_available(fast: FastPaths | None = None) -> bool:
+    return (fast is None or fast.grouped_experts) and hasattr(torch, "_grouped_mm")
+
+
+def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | None = None) -> str:
+    """auto = transformers + peft with the grouped-expert fast path wherever torch has grouped matmuls (the
+    fastest path measured, benchmarks/README.md); without them, Unsloth when a CUDA GPU and Unsloth are both there
+    and the run is on one device; else transformers + peft (the backend that runs data-parallel here)."""
     if backend == "unsloth" and world_size > 1:
         raise ValueError("backend 'unsloth' runs on one GPU here; use backend 'transformers' (or auto) with DDP")
     if backend == "unsloth" and not torch.cuda.is_available():
@@ -67,9 +74,11 @@ def resolve_backend(backend: Backend, world_size: int = 1) -> str:
         raise RuntimeError("backend 'unsloth' asked for but Unsloth is not installed: pip install -e '.[unsloth]'")
     if backend != "auto":
         return backend
-    single = world_size == 1
-    chosen = "unsloth" if single and torch.cuda.is_available() and unsloth_available() else "transformers"
-    why = f"cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, devices={world_size}"
+    single, grouped = world_size == 1, grouped_experts_available(fast)
+    unsloth = single and not grouped and torch.cuda.is_available() and unsloth_available()
+    chosen = "unsloth" if unsloth else "transformers"
+    why = f"grouped experts={grouped}, cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, " \
+          f"devices={world_size}"  # fmt: skip
     rank_zero_info(f"backend auto -> {chosen} ({why})")
     return chosen
 
@@ -91,12 +100,15 @@ def require_trust(settings: LoadSettings) -> None:
         )
 
 
-def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) -> tuple[Any, Any, str]:
-    """(peft model, tokenizer, backend used), trainable-parameter count logged."""
+def load_model(
+    settings: LoadSettings, lora: LoraSettings, world_size: int = 1, device: torch.device | None = None
+) -> tuple[Any, Any, str]:
+    """(peft model, tokenizer, backend used), trainable-parameter count and fast paths logged. `device` is where
+    the model will run (for the log line saying how its kernels run there)."""
     require_trust(settings)
     check_model_source(settings.model_name_or_path)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
-    backend = resolve_backend(settings.backend, world_size)
+    backend = resolve_backend(settings.backend, world_size, settings.fast)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
@@ -112,6 +124,8 @@ def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) 
             param.data = param.data.float()
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    apply_fast_paths(model, settings.fast, device, resolve_dtype(settings.dtype))
     return model, tokenizer, backend
 
 
@@ -145,9 +159,12 @@ def load_adapter_weights(model: Any, adapter_path: str) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts."""
+    """(trainable, all) parameter counts. Frozen views of a trainable parameter (the per-expert LoRA weights of
+    grouped experts, fast/moe.py) are that parameter, counted once."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = {p.untyped_storage().data_ptr() for p in params if p.requires_grad}
+    views = sum(p.numel() for p in params if not p.requires_grad and p.untyped_storage().data_ptr() in trainable)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) - views
 
 
 def peft_config(lora: LoraSettings) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from .checks import check_precision, out_of_memory_message
+from .fast import FastPaths
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
 from .metrics import CERMetrics
@@ -39,6 +40,7 @@ class DeepSeekOCRModule(L.LightningModule):
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = True,
         unsloth_force_compile: bool = True,
+        fast: FastPaths = FastPaths(),
         lora: LoraSettings = LoraSettings(),
         optimizer: OptimizerName = "adamw8bit",
         lr: float = 2e-4,
@@ -62,6 +64,8 @@ class DeepSeekOCRModule(L.LightningModule):
             load_in_4bit: QLoRA-style 4-bit base weights (Unsloth backend).
             gradient_checkpointing: recompute activations in backward ("unsloth" mode, or non-reentrant).
             unsloth_force_compile: Unsloth's compile-time optimisations (Unsloth backend).
+            fast: fast paths patched onto the loaded model: grouped experts (MoE as grouped matmuls, LoRA included;
+                training and decoding) and batched vision towers; off = the model's own per-expert code.
             lora: the adapter: rank, alpha, dropout, target modules, rslora, seed.
             optimizer: `adamw8bit` (bitsandbytes) or `adamw` (torch).
             lr: peak learning rate.
@@ -86,6 +90,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.load_settings = LoadSettings(
             model_name_or_path, backend, trust_remote_code, revision, dtype, load_in_4bit,
             gradient_checkpointing, unsloth_force_compile, adapter_path,
+            fast if isinstance(fast, FastPaths) else FastPaths(**fast),
         )  # fmt: skip
         self.model: Any = None
         self.tokenizer: Any = None
@@ -110,15 +115,13 @@ class DeepSeekOCRModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.tokenizer, self.backend = load_model(
-                self.load_settings, self.lora, self.trainer.world_size
+                self.load_settings, self.lora, self.trainer.world_size, self.trainer.strategy.root_device
             )
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
             # from_pretrained returns an eval-mode model and Lightning keeps submodule modes: train mode here is
             # what HF Trainer gives the reference (LoRA dropout, gradient checkpointing); the evaluation loops
             # switch to eval mode and back themselves.
             self.model.train()
-            if self.backend == "unsloth":  # its compiled decoder layers are left as Unsloth built them
-                self.generation = replace(self.generation, dense_moe=False)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_KEYS})

@@ -15,17 +15,24 @@ import yaml
 
 
 def requested(argv: list[str], section: str, key: str, default: Any) -> Any:
-    """The value the command line gives `section.key`, from flags and config files, else `default`."""
-    value, args = default, iter(argv)
+    """The value the command line gives `section.key` (key may be dotted), from flags and config files, else
+    `default`."""
+    path, value, args = [section, *key.split(".")], default, iter(argv)
     for arg in args:
         flag, _, inline = arg.partition("=")
         if flag in ("--config", "-c"):
-            path = Path(inline or next(args, ""))
-            config = yaml.safe_load(path.read_text()) if path.is_file() else None
-            value = ((config or {}).get(section) or {}).get(key, value)
-        elif flag == f"--{section}.{key}":
+            file = Path(inline or next(args, ""))
+            found = lookup(yaml.safe_load(file.read_text()) if file.is_file() else None, path)
+            value = value if found is None else found
+        elif flag == "--" + ".".join(path):
             value = inline or next(args, value)
     return value
+
+
+def lookup(config: Any, path: list[str]) -> Any:
+    for name in path:
+        config = config.get(name) if isinstance(config, dict) else None
+    return config
 
 
 def runs_on_several_devices(argv: list[str]) -> bool:
@@ -43,6 +50,9 @@ def import_unsloth_first(argv: list[str]) -> bool:
 
     if backend == "auto" and (not torch.cuda.is_available() or runs_on_several_devices(argv)):
         return False
+    grouped = str(requested(argv, "model", "fast.grouped_experts", True)).lower() != "false"
+    if backend == "auto" and grouped and hasattr(torch, "_grouped_mm"):
+        return False  # auto picks transformers + grouped experts (loading.resolve_backend)
     import unsloth  # noqa: F401  (patches transformers and peft on import)
 
     return True

@@ -66,7 +66,7 @@ def test_checkpoint_holds_only_trainable_weights(fitted):
     ckpt = torch.load(Path(fitted.trainer.checkpoint_callback.last_model_path), weights_only=False)
     trainable = {n for n, p in fitted.model.named_parameters() if p.requires_grad}
     assert set(ckpt["state_dict"]) == trainable
-    assert all("lora_" in k for k in ckpt["state_dict"])
+    assert all("lora_" in k or ".stacked_" in k for k in ckpt["state_dict"])  # stacked: grouped experts
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 4
 
 

@@ -16,3 +16,10 @@ def test_several_devices():
     assert runs_on_several_devices(["fit", "--trainer.devices", "2"])
     assert runs_on_several_devices(["fit", "--trainer.strategy=ddp_find_unused_parameters_true"])
     assert runs_on_several_devices(["fit", "--trainer.devices", "0,1"])
+
+
+def test_nested_keys_and_the_fast_path_choice():
+    assert requested(["fit", "--config", "configs/h100.yaml"], "model", "fast.grouped_experts", None) is True
+    argv = ["fit", "--config", "configs/h100.yaml", "--model.fast.grouped_experts", "false"]
+    assert requested(argv, "model", "fast.grouped_experts", None) == "false"
+    assert requested(["fit"], "model", "fast.grouped_experts", True) is True

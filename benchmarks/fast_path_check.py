@@ -1,0 +1,115 @@
+"""The fast paths on the real architecture (random weights): same loss, LoRA gradients and greedy tokens as the model's
+own code, in float32 on the GPU; and which dtypes `torch._grouped_mm` runs here.
+
+python benchmarks/fast_path_check.py MODEL_DIR LINES_DIR [--lines 4] [--json benchmarks/results/fast_path_check.json]
+
+One model in float32 with a LoRA adapter whose B matrices are random (so the adapter matters): the loss, every LoRA
+gradient and 16 greedy tokens per line with transformers' expert loop and per-sample vision; then the same after
+patching grouped experts, then batched vision on top. Relative differences are |a - b| / |b| over each tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import commit
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from dsocr_lightning.data import OCRDataModule
+from dsocr_lightning.fast import FastPaths
+from dsocr_lightning.fast.grouped_mm import grouped_mm, grouped_mm_reference
+from dsocr_lightning.fast.moe import patch_grouped_experts
+from dsocr_lightning.fast.vision import patch_batched_vision
+from dsocr_lightning.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model
+from dsocr_lightning.module import MODEL_KEYS
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    """Every LoRA gradient by PEFT name (grouped experts' from their stacked parameters)."""
+    named, grads = dict(model.named_parameters()), {}
+    for name, param in named.items():
+        if "lora_" not in name:
+            continue
+        if ".experts." in name and not param.requires_grad:
+            prefix, rest = name.split(".experts.")
+            expert, proj = rest.split(".")[:2]
+            param = named[f"{prefix}.stacked_{proj}_{'A' if '.lora_A.' in name else 'B'}"]
+            grads[name] = param.grad[int(expert)].clone()
+        else:
+            grads[name] = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+    return grads
+
+
+def measure(model, tokenizer, batch) -> dict:
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+    loss.backward()
+    model.eval()
+    tokens = generate_tokens(model, tokenizer, batch, GenerationSettings(max_new_tokens=16))
+    return {"loss": loss.item(), "grads": lora_grads(model), "tokens": tokens.cpu()}
+
+
+def compare(got: dict, expected: dict) -> dict:
+    worst = max(((got["grads"][n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in expected["grads"].items()
+                if g.norm() > 0)  # fmt: skip
+    same = (got["tokens"] == expected["tokens"]).all(dim=1).float().mean().item()
+    return {"loss": got["loss"], "loss_rel_diff": abs(got["loss"] - expected["loss"]) / abs(expected["loss"]),
+            "worst_lora_grad_rel_diff": worst, "same_greedy_lines": same}  # fmt: skip
+
+
+def grouped_mm_support() -> dict:
+    """Which dtypes run, and how far each is from one matmul per expert (uneven groups, an empty one)."""
+    out = {}
+    offs = torch.tensor([100, 100, 356, 357, 512], dtype=torch.int32, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, w = torch.randn(512, 1280, device="cuda", dtype=dtype), torch.randn(5, 896, 1280, device="cuda", dtype=dtype)
+        try:
+            got, ref = grouped_mm(x, w, offs).float(), grouped_mm_reference(x.float(), w.float(), offs)
+            out[str(dtype)] = f"ok, rel diff {((got - ref).norm() / ref.norm()).item():.2e}"
+        except Exception as error:  # noqa: BLE001  (reporting what this torch build refuses)
+            out[str(dtype)] = f"refused: {type(error).__name__}: {str(error)[:120]}"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("lines_dir")
+    parser.add_argument("--lines", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/fast_path_check.json"))
+    args = parser.parse_args()
+    off = FastPaths(grouped_experts=False, batched_vision=False)
+    settings = LoadSettings(args.model_dir, "transformers", True, dtype="float32", fast=off)
+    model, tokenizer, _ = load_model(settings, LoraSettings(), device=torch.device("cuda"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.01)
+    model = model.cuda()
+    data = OCRDataModule(args.lines_dir, "imagefolder", "train", None, image_column="image",
+                         tokenizer_name_or_path=args.model_dir, trust_remote_code=True)  # fmt: skip
+    data.setup("fit")
+    batch = data.collator(True)([data.datasets["train"][i] for i in range(args.lines)])
+    batch = move_data_to_device(batch, "cuda")
+    reference = measure(model, tokenizer, batch)
+    patch_grouped_experts(model)
+    grouped = measure(model, tokenizer, batch)
+    patch_batched_vision(model)
+    batched = measure(model, tokenizer, batch)
+    result = {
+        "device": torch.cuda.get_device_name(), "commit": commit(), "dtype": "float32", "lines": args.lines,
+        "reference_loss": reference["loss"], "grouped_experts": compare(grouped, reference),
+        "grouped_experts_and_batched_vision": compare(batched, reference), "grouped_mm": grouped_mm_support(),
+    }  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Fast paths patched onto the loaded model (the public model code stays as it is).
+
+- `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding);
+- `vision.py`: the remote code's vision towers run batched.
+Each keeps the original as its reference; tests compare them. `apply_fast_paths` logs which paths run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .moe import patch_grouped_experts
+from .vision import patch_batched_vision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FastPaths:
+    """Which fast paths to patch onto the model after loading (both off = the original model code)."""
+
+    grouped_experts: bool = True  # MoE experts as grouped matmuls (torch._grouped_mm), LoRA included
+    batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
+    vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
+
+
+def grouped_mm_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """How torch runs `_grouped_mm` here: one CUTLASS kernel on Hopper+ in bf16, ATen's per-group fallback else."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16:
+        return "native CUDA kernel"
+    return f"ATen fallback on {device.type} {str(dtype).removeprefix('torch.')}"
+
+
+def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Patch `model`; returns (and logs) one line per path saying what runs."""
+    lines = []
+    if paths.grouped_experts:
+        if not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError(f"grouped experts need torch >= 2.9 (torch {torch.__version__}): upgrade torch or "
+                               "set model.fast.grouped_experts false")  # fmt: skip
+        count = patch_grouped_experts(model)
+        lines.append(f"grouped experts: {count} MoE layers, torch._grouped_mm {grouped_mm_kind(device, dtype)}")
+    else:
+        lines.append("grouped experts: off (transformers' per-expert loop)")
+    if paths.batched_vision:
+        found = patch_batched_vision(model, paths.vision_chunk)
+        lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
+    for line in lines:
+        log.info("fast path: %s", line)
+    return lines

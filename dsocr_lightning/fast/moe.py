@@ -1,0 +1,156 @@
+"""Grouped experts for DeepSeek-V2 MoE layers (transformers' `DeepseekV2MoE`, what DeepSeek-OCR's code builds).
+
+transformers' `moe` loops over the 64 experts in Python: per layer ~64 x 9 small matmuls with LoRA (base, A, B for
+gate/up/down), a GPU->CPU sync per expert, and the same again in backward: a training micro-batch launched ~54,000
+kernels and kept an H100 busy 5 % of the time. Here each layer runs its experts as 3 x 3 grouped matmuls
+(`grouped_mm.py`) over tokens sorted by expert, training and decoding alike.
+
+Layout. Each projection's frozen base weights are stacked once into [E, out, in] and every expert's weight
+becomes a view of that stack; the LoRA A/B weights likewise become views of one trainable [E, r, in] / [E, out, r]
+parameter per projection, registered on the MoE module as `stacked_<proj>_A/B` (no "lora_" in the name). The
+optimizer, gradient clipping and checkpoints see ~66 stacked tensors instead of ~4,200, and the per-expert
+parameters (frozen views) are what peft saves: adapters keep the PEFT layout, one LoRA pair per expert projection.
+A device move or a `param.data = ...` elsewhere breaks the views; every call checks them and rebinds (logged).
+The reference it must equal is the original loop, `type(layer).moe(layer, ...)`: tests/test_fast_moe.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .grouped_mm import LoraStack, combine, grouped_linear, route
+
+log = logging.getLogger(__name__)
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ProjectionStack:
+    """One projection of all experts: the per-expert (peft) Linears and the stacked tensors they view."""
+
+    linears: list[nn.Module]
+    weight: torch.Tensor  # [E, out, in], frozen
+    a: nn.Parameter | None  # [E, r, in]
+    b: nn.Parameter | None  # [E, out, r]
+    adapter: str | None
+
+
+def lora_adapter(linear: nn.Module) -> str | None:
+    """The one plain LoRA adapter of a peft Linear (None for a plain Linear); anything else is refused."""
+    base = getattr(linear, "base_layer", linear)
+    if not isinstance(base, nn.Linear) or base.bias is not None:
+        raise TypeError(f"unsupported expert projection {type(linear).__name__}")
+    if not hasattr(linear, "lora_A"):
+        return None
+    adapters = [a for a in linear.active_adapters if a in linear.lora_A]
+    if len(adapters) > 1 or any(linear.use_dora.get(a, False) for a in adapters) or linear.lora_variant:
+        raise TypeError("grouped experts support one plain LoRA adapter (no DoRA or variants)")
+    return adapters[0] if adapters else None
+
+
+def lora_weights(linear: nn.Module, adapter: str) -> tuple[nn.Parameter, nn.Parameter]:
+    return linear.lora_A[adapter].weight, linear.lora_B[adapter].weight
+
+
+def bind_views(stacked: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Make each parameter's data its slice of `stacked` (same storage: in-place updates show on both sides)."""
+    for index, param in enumerate(params):
+        param.data = stacked[index]
+
+
+def build_stack(module: nn.Module, name: str) -> ProjectionStack:
+    """Stack projection `name` of every expert of `module` and rebind the experts to views of the stack."""
+    linears = [getattr(expert, name) for expert in module.experts]
+    adapters = {lora_adapter(linear) for linear in linears}
+    if len(adapters) != 1:
+        raise TypeError(f"experts of one layer disagree on their LoRA adapters: {adapters}")
+    adapter = adapters.pop()
+    bases = [getattr(linear, "base_layer", linear).weight for linear in linears]
+    weight = torch.stack([p.data for p in bases])
+    bind_views(weight, bases)
+    a = b = None
+    if adapter is not None:
+        a, b = (stacked_parameter(module, f"stacked_{name}_{side}", [lora_weights(lin, adapter)[i] for lin in linears])
+                for i, side in enumerate("AB"))  # fmt: skip
+    return ProjectionStack(linears, weight, a, b, adapter)
+
+
+def stacked_parameter(module: nn.Module, attr: str, params: list[nn.Parameter]) -> nn.Parameter:
+    """One parameter holding `params` stacked (trainable if they were); they become its frozen views. Reuses the
+    registered parameter when there is one, so an optimizer that already holds it keeps it."""
+    data = torch.stack([p.data for p in params])
+    stacked = getattr(module, attr, None)
+    if stacked is None:
+        stacked = nn.Parameter(data, requires_grad=params[0].requires_grad)
+        module.register_parameter(attr, stacked)
+    else:
+        stacked.data = data
+    bind_views(stacked.data, params)
+    for param in params:
+        param.requires_grad_(False)
+    return stacked
+
+
+def is_bound(stack: ProjectionStack) -> bool:
+    """Do the first and last experts still view the stacked tensors (a cheap check, run every call)?"""
+    pairs = [(stack.weight, [getattr(lin, "base_layer", lin).weight for lin in stack.linears])]
+    if stack.adapter is not None:
+        pairs += [(stack.a, [lora_weights(lin, stack.adapter)[0] for lin in stack.linears])]
+        pairs += [(stack.b, [lora_weights(lin, stack.adapter)[1] for lin in stack.linears])]
+    return all(
+        ps[0].data_ptr() == st.data_ptr() and ps[-1].data_ptr() == st[-1].data_ptr() and ps[-1].device == st.device
+        for st, ps in pairs
+    )
+
+
+def lora_stack(stack: ProjectionStack) -> LoraStack | None:
+    """The adapter as peft would apply it now: none when disabled, merged into the base, or absent."""
+    first = stack.linears[0]
+    if stack.adapter is None or getattr(first, "disable_adapters", False) or getattr(first, "merged", False):
+        return None
+    dropout = first.lora_dropout[stack.adapter]
+    return LoraStack(stack.a, stack.b, float(first.scaling[stack.adapter]), dropout)
+
+
+def grouped_moe(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor):
+    """Drop-in for `DeepseekV2MoE.moe`: hidden [T, H], topk_ids / topk_weight [T, K] -> [T, H]."""
+    stacks = ensure_bound(module)
+    routing = route(topk_ids, len(module.experts))
+    x = hidden[routing.tokens]  # [N, H], sorted by expert
+    gate, up = (grouped_linear(x, s.weight, routing.offs, lora_stack(s)) for s in stacks[:2])
+    act = module.experts[0].act_fn(gate) * up  # [N, moe_intermediate]
+    down = grouped_linear(act, stacks[2].weight, routing.offs, lora_stack(stacks[2]))
+    return combine(down, routing, topk_weight).to(hidden.dtype)
+
+
+def ensure_bound(module: nn.Module) -> list[ProjectionStack]:
+    stacks = module._grouped_stacks
+    if not all(is_bound(stack) for stack in stacks):
+        log.info("grouped experts: rebinding %s after a device or data change", type(module).__name__)
+        module._grouped_stacks = stacks = [build_stack(module, name) for name in PROJECTIONS]
+    return stacks
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """DeepSeek-V2-style MoE blocks: routed `experts` with gate/up/down projections and a `moe` method."""
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "experts", None), nn.ModuleList) and hasattr(type(m), "moe") and len(m.experts)
+    ]  # fmt: skip
+
+
+def patch_grouped_experts(model: nn.Module) -> int:
+    """Switch every MoE layer of `model` to grouped experts; returns how many were switched."""
+    layers = moe_layers(model)
+    for layer in layers:
+        if "moe" in vars(layer):
+            continue  # already switched
+        layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
+        layer.moe = types.MethodType(grouped_moe, layer)
+    return len(layers)
+

@@ -1,0 +1,62 @@
+"""How busy the GPU is during one training micro-batch: torch.profiler around it, logged as `perf/*`.
+
+`--gpu_profile.batch N` profiles the N-th training micro-batch (forward + backward, and the optimizer step when it
+falls in it) and logs `perf/gpu_busy` (GPU kernel time / wall time), `perf/kernel_launches`, `perf/profiled_wall_s`
+and `perf/gpu_kernel_s`; off by default (profiling slows that one batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def kernel_time(events: Any) -> tuple[float, int]:
+    """(seconds of GPU kernels, number of kernels) among profiler events."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e6, len(kernels)
+
+
+class GpuProfile(L.Callback):
+    """Profiles one training micro-batch on a CUDA device and logs how much of its wall time the GPU worked."""
+
+    def __init__(self, batch: int | None = None) -> None:
+        """
+        Args:
+            batch: global index of the training micro-batch to profile (after warm-up, e.g. 12), or None for none.
+        """
+        self.batch, self.profiler, self.start, self.seen = batch, None, 0.0, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.seen += 1
+        if self.batch is None or self.seen - 1 != self.batch or not torch.cuda.is_available():
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.profiler.__enter__()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self.profiler is None:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profiler.__exit__(None, None, None)
+        seconds, count = kernel_time(self.profiler.events())
+        self.profiler = None
+        metrics = {"perf/gpu_busy": seconds / wall, "perf/kernel_launches": float(count),
+                   "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds}  # fmt: skip
+        log.info("profiled micro-batch %d: %.3f s wall, %.3f s of GPU kernels (%.0f%% busy), %d kernels",
+                 self.batch, wall, seconds, 100 * seconds / wall, count)  # fmt: skip
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)

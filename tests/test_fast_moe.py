@@ -1,0 +1,195 @@
+"""Grouped experts (fast/moe.py, fast/grouped_mm.py) equal transformers' per-expert loop: outputs and the gradient of
+every LoRA parameter in float32, uneven routing included; adapters keep the PEFT layout; decoding is unchanged.
+
+"Real architecture" here is transformers' own `DeepseekV2MoE`, the class DeepSeek-OCR's remote code builds its
+MoE layers from, with the real routing (64 experts, top 6, 2 shared experts) at tiny widths.
+"""
+
+import pytest
+import torch
+
+from dsocr_lightning.collate import OCRCollator
+from dsocr_lightning.fast import FastPaths
+from dsocr_lightning.fast.grouped_mm import grouped_mm, grouped_mm_reference, route
+from dsocr_lightning.fast.moe import moe_layers
+from dsocr_lightning.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.images import MODES
+from dsocr_lightning.loading import LoadSettings, LoraSettings, count_parameters, load_model
+from dsocr_lightning.module import MODEL_KEYS
+from dsocr_lightning.render import render_line
+
+REL = 1e-5
+TEXTS = ["سلام دنیا", "کتاب ۱۲", "آب"]
+
+
+def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    scale = expected.norm().item()
+    diff = (got - expected).norm().item()
+    assert diff <= REL * max(scale, 1e-12) or diff < 1e-12, f"{what}: |diff| {diff:.3g} vs |expected| {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def real_routing_dir(tmp_path_factory):
+    """The stand-in with DeepSeek-OCR's routing: 64 routed experts, 6 per token, 2 shared."""
+    from dsocr_lightning.standin import write_standin_checkpoint
+
+    return write_standin_checkpoint(tmp_path_factory.mktemp("moe64") / "ckpt", n_routed_experts=64,
+                                    num_experts_per_tok=6, n_shared_experts=2)  # fmt: skip
+
+
+def lora_model(folder, grouped: bool, dropout: float = 0.0):
+    settings = LoadSettings(str(folder), "transformers", True, fast=FastPaths(grouped_experts=grouped))
+    model, tokenizer, _ = load_model(settings, LoraSettings(dropout=dropout))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)  # an adapter that does something (B starts at zero)
+    return model.train(), tokenizer
+
+
+def batch_of(tokenizer, texts=TEXTS, prompts=False):
+    return OCRCollator(tokenizer, MODES["tiny"], with_prompts=prompts)([{"image": render_line(t), "text": t} for t in texts])
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    """Gradient of every LoRA weight by its PEFT name; grouped experts' come from their stacked parameter."""
+    named = dict(model.named_parameters())
+    grads = {}
+    for name, param in named.items():
+        if "lora_" not in name:
+            continue
+        if ".experts." in name and not param.requires_grad:  # a view of stacked_<proj>_<A|B>
+            prefix, rest = name.split(".experts.")
+            expert, proj = rest.split(".")[:2]
+            stacked = named[f"{prefix}.stacked_{proj}_{'A' if '.lora_A.' in name else 'B'}"]
+            grads[name] = stacked.grad[int(expert)]
+        else:
+            grads[name] = param.grad if param.grad is not None else torch.zeros_like(param)
+    return grads
+
+
+def test_grouped_mm_equals_one_matmul_per_expert():
+    torch.manual_seed(0)
+    offs = torch.tensor([0, 3, 4, 4, 9, 12], dtype=torch.int32)  # experts with 0, 3, 1, 0, 5, 3 rows
+    x = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(6, 8, 16, requires_grad=True)
+    upstream = torch.randn(12, 8)
+    got = grouped_mm(x, w, offs)
+    got.backward(upstream)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    expected = grouped_mm_reference(x, w, offs)
+    expected.backward(upstream)
+    assert_rel_close(got, expected, "output")
+    assert_rel_close(gx, x.grad, "grad x")
+    assert_rel_close(gw, w.grad, "grad w")
+    assert gw[0].abs().sum() == 0 and gw[3].abs().sum() == 0  # empty experts get zero gradient
+
+
+def test_route_sorts_assignments_by_expert():
+    ids = torch.tensor([[3, 0], [0, 2], [3, 1]])
+    routing = route(ids, num_experts=5)
+    assert routing.offs.tolist() == [2, 3, 4, 6, 6]
+    assert ids.reshape(-1)[routing.order].tolist() == [0, 0, 1, 2, 3, 3]
+    assert routing.tokens.tolist() == [0, 1, 2, 1, 0, 2]
+
+
+def test_layer_equals_the_loop_with_uneven_routing(real_routing_dir):
+    reference, _ = lora_model(real_routing_dir, grouped=False)
+    fast, _ = lora_model(real_routing_dir, grouped=True)
+    (ref_layer,), (fast_layer,) = moe_layers(reference), moe_layers(fast)
+    assert "moe" in vars(fast_layer) and "moe" not in vars(ref_layer)
+    torch.manual_seed(1)
+    hidden = torch.randn(7, reference.config.hidden_size)
+    ids = torch.stack([torch.randperm(64)[:6] for _ in range(7)])
+    ids[:, 0], ids[0, 1] = 5, 9  # expert 5 takes every token, expert 9 exactly one; most get none
+    weights = torch.rand(7, 6)
+    outputs = []
+    for layer in (ref_layer, fast_layer):
+        x = hidden.clone().requires_grad_()
+        out = layer.moe(x, ids, weights)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outputs.append((out, x.grad))
+    assert_rel_close(outputs[1][0], outputs[0][0], "output")
+    assert_rel_close(outputs[1][1], outputs[0][1], "input grad")
+    expected, got = lora_grads(reference), lora_grads(fast)
+    assert set(got) == set(expected) and len(expected) == 2 * 3 * 64 + 2 * 3 + 2 * 4 * 2 + 2 * 3
+    for name in expected:
+        assert_rel_close(got[name], expected[name], name)
+
+
+def test_model_loss_and_every_lora_gradient_agree(real_routing_dir):
+    (reference, tokenizer), (fast, _) = lora_model(real_routing_dir, False), lora_model(real_routing_dir, True)
+    batch = batch_of(tokenizer)
+    losses = []
+    for model in (reference, fast):
+        loss = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=REL)
+    expected, got = lora_grads(reference), lora_grads(fast)
+    for name in expected:
+        assert_rel_close(got[name], expected[name], name)
+    assert count_parameters(fast) == count_parameters(reference)  # 326,656 trainable either way
+    trainable = [p for p in fast.parameters() if p.requires_grad]
+    assert len(trainable) == 34  # 6 stacked (gate/up/down A and B) + 28 attention/dense/shared, not 412
+
+
+def test_adapter_keeps_the_peft_layout_and_reloads(real_routing_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    (reference, tokenizer), (fast, _) = lora_model(real_routing_dir, False), lora_model(real_routing_dir, True)
+    with torch.no_grad():  # a training update through the stacked parameters must show in the saved adapter
+        for name, param in fast.named_parameters():
+            if name.endswith("stacked_up_proj_B"):
+                param.add_(1.0)
+    fast.save_pretrained(tmp_path / "fast")
+    reference.save_pretrained(tmp_path / "reference")
+    saved, ref_saved = load_file(tmp_path / "fast/adapter_model.safetensors"), load_file(tmp_path / "reference/adapter_model.safetensors")
+    assert set(saved) == set(ref_saved)  # one LoRA pair per expert projection, PEFT's names
+    up_b = [k for k in saved if ".experts.7.up_proj.lora_B" in k]
+    assert torch.equal(saved[up_b[0]], ref_saved[up_b[0]] + 1.0)
+    base = AutoModel.from_pretrained(real_routing_dir, trust_remote_code=True, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, tmp_path / "fast").eval()
+    batch = batch_of(tokenizer)
+    with torch.no_grad():
+        got, expected = fast.eval()(**{k: batch[k] for k in MODEL_KEYS}), plain(**{k: batch[k] for k in MODEL_KEYS})
+    assert_rel_close(got.logits, expected.logits, "logits")
+
+
+def test_rebinds_after_the_model_is_moved(real_routing_dir):
+    (reference, tokenizer), (fast, _) = lora_model(real_routing_dir, False), lora_model(real_routing_dir, True)
+    fast.to(torch.float64).to(torch.float32)  # every parameter gets new storage, as a device move does
+    (layer,) = moe_layers(fast)
+    stacked = layer.stacked_gate_proj_A
+    batch = batch_of(tokenizer)
+    expected = reference(**{k: batch[k] for k in MODEL_KEYS}).loss
+    got = fast(**{k: batch[k] for k in MODEL_KEYS}).loss
+    assert got.item() == pytest.approx(expected.item(), rel=REL)
+    assert layer.stacked_gate_proj_A is stacked  # an optimizer holding it keeps training the same tensor
+    with torch.no_grad():
+        stacked[3].fill_(0.5)
+    assert torch.all(layer.experts[3].gate_proj.lora_A["default"].weight == 0.5)  # views again
+
+
+def test_decoding_generates_the_same_tokens(real_routing_dir):
+    (reference, tokenizer), (fast, _) = lora_model(real_routing_dir, False), lora_model(real_routing_dir, True)
+    batch = batch_of(tokenizer, prompts=True)
+    settings = GenerationSettings(max_new_tokens=10)
+    expected = generate_tokens(reference.eval(), tokenizer, batch, settings)
+    assert torch.equal(generate_tokens(fast.eval(), tokenizer, batch, settings), expected)
+
+
+def test_lora_dropout_acts_on_the_grouped_path(real_routing_dir):
+    model, tokenizer = lora_model(real_routing_dir, grouped=True, dropout=0.5)
+    (layer,) = moe_layers(model)
+    hidden = torch.randn(5, model.config.hidden_size)
+    ids, weights = layer.gate(hidden[None])
+    with torch.no_grad():
+        train = [layer.moe(hidden, ids, weights) for _ in range(2)]
+        model.eval()
+        evaluation = [layer.moe(hidden, ids, weights) for _ in range(2)]
+    assert not torch.equal(train[0], train[1]) and torch.equal(evaluation[0], evaluation[1])
