@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def build(out: Path, seed: int, dtype: torch.dtype) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=dtype)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")  # one file, as the real one
     return sum(p.numel() for p in model.parameters())
 
 
@@ -66,8 +65,6 @@ def main() -> None:
     copy_remote_code(args.remote_code_dir, args.out_dir)
     count = build(args.out_dir, args.seed, getattr(torch, args.dtype))
     write_tokenizer(args.out_dir)
-    for name in ("model.safetensors.index.json",):  # a stale index would point at shards that do not exist
-        (args.out_dir / name).unlink(missing_ok=True)
     print(f"random {args.dtype} checkpoint, {count:,} parameters, written to {args.out_dir} "
           f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
 
