@@ -17,12 +17,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def kernel_time(events: Any) -> tuple[float, int]:
-    """(seconds of GPU kernels, number of kernels) among profiler events."""
+def kernel_time(events: Any) -> tuple[float, float, int]:
+    """(seconds the GPU ran at least one kernel, summed kernel seconds, number of kernels) among profiler events."""
     from torch.autograd import DeviceType
 
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in kernels) / 1e6, len(kernels)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith(("Optimizer.", "ProfilerStep"))]  # ranges drawn on the GPU row: no work
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:  # union of intervals: overlapping kernels count once
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy / 1e6, sum(end - start for start, end in spans) / 1e6, len(spans)
 
 
 class GpuProfile(L.Callback):
@@ -52,11 +58,14 @@ class GpuProfile(L.Callback):
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)
-        seconds, count = kernel_time(self.profiler.events())
+        seconds, summed, count = kernel_time(self.profiler.events())
+        averages = self.profiler.key_averages()
         self.profiler = None
         metrics = {"perf/gpu_busy": seconds / wall, "perf/kernel_launches": float(count),
                    "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds}  # fmt: skip
-        log.info("profiled micro-batch %d: %.3f s wall, %.3f s of GPU kernels (%.0f%% busy), %d kernels",
-                 self.batch, wall, seconds, 100 * seconds / wall, count)  # fmt: skip
+        log.info("profiled micro-batch %d: %.3f s wall, GPU busy %.3f s (%.0f%%; kernels summed %.3f s), %d kernels",
+                 self.batch, wall, seconds, 100 * seconds / wall, summed, count)  # fmt: skip
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            log.info("top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=12, max_name_column_width=48))
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

@@ -98,13 +98,14 @@ def stacked_parameter(module: nn.Module, attr: str, params: list[nn.Parameter]) 
 
 def is_bound(stack: ProjectionStack) -> bool:
     """Do the first and last experts still view the stacked tensors (a cheap check, run every call)?"""
-    pairs = [(stack.weight, [getattr(lin, "base_layer", lin).weight for lin in stack.linears])]
+    ends = [stack.linears[0], stack.linears[-1]]
+    pairs = [(stack.weight, [getattr(lin, "base_layer", lin).weight for lin in ends])]
     if stack.adapter is not None:
-        pairs += [(stack.a, [lora_weights(lin, stack.adapter)[0] for lin in stack.linears])]
-        pairs += [(stack.b, [lora_weights(lin, stack.adapter)[1] for lin in stack.linears])]
+        a_ends, b_ends = zip(*(lora_weights(lin, stack.adapter) for lin in ends))
+        pairs += [(stack.a, a_ends), (stack.b, b_ends)]
     return all(
-        ps[0].data_ptr() == st.data_ptr() and ps[-1].data_ptr() == st[-1].data_ptr() and ps[-1].device == st.device
-        for st, ps in pairs
+        first.data_ptr() == st.data_ptr() and last.data_ptr() == st[-1].data_ptr() and last.device == st.device
+        for st, (first, last) in pairs
     )
 
 
