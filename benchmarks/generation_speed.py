@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from dsocr_lightning.data import OCRDataModule
+from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.generation import GenerationSettings, generate_tokens
 from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model, set_inference
 
@@ -33,10 +34,11 @@ def main() -> None:
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of dense MoE decoding")
+    parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of grouped experts")
     args = parser.parse_args()
 
-    settings = LoadSettings(args.model_dir, args.backend, trust_remote_code=True)
+    fast = FastPaths(grouped_experts=not args.loop)
+    settings = LoadSettings(args.model_dir, args.backend, trust_remote_code=True, fast=fast)
     model, tokenizer, backend = load_model(settings, LoraSettings())
     model = model.cuda().eval()
     set_inference(model, backend, True)
@@ -48,12 +50,11 @@ def main() -> None:
     for size in args.batch_sizes:
         batch = move_data_to_device(collate([samples[i] for i in range(size)]), "cuda")
         batch["images"] = [(c.bfloat16(), g.bfloat16()) for c, g in batch["images"]]
-        dense = not args.loop
-        timed_generate(model, tokenizer, batch, GenerationSettings(4, dense_moe=dense))  # warm-up
+        timed_generate(model, tokenizer, batch, GenerationSettings(4))  # warm-up
         seconds, tokens = timed_generate(
-            model, tokenizer, batch, GenerationSettings(args.max_new_tokens, dense_moe=dense)
+            model, tokenizer, batch, GenerationSettings(args.max_new_tokens)
         )
-        how = "dense MoE decode" if dense else "expert loop"
+        how = "expert loop" if args.loop else "grouped experts"
         rows.append(f"| {backend}, {how} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
     print(f"| backend | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")
     print("|---|---|---|---|---|")

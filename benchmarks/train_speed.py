@@ -38,7 +38,7 @@ RUNS = {
 
 
 def fit_command(name: str, model: str, lines: str, steps: int, logs: str) -> list[str]:
-    config, extra, micro, accumulation, _ = RUNS[name]
+    config, extra, _, accumulation, _ = RUNS[name]
     return [
         sys.executable, "-m", "dsocr_lightning", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
         "--model.model_name_or_path", model, "--model.adapter_dir", "null", "--data.source", lines,
@@ -103,8 +103,11 @@ def save(path: Path, rows: list[dict]) -> dict:
 
 
 def table(data: dict) -> str:
-    lines = ["| run | micro-batch × acc | precision | samples/s | × reference | s/step | peak alloc / reserved GiB "
-             "| GPU busy (profiled micro-batch) | kernels | first losses |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = (
+        "| run | micro-batch × acc | precision | samples/s | × reference | s/step | peak alloc / reserved GiB "
+        "| GPU busy (profiled micro-batch) | kernels | first losses |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         busy = f"{100 * r['gpu_busy']:.0f} %" if r.get("gpu_busy") else "—"
         lines.append(

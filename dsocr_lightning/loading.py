@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checks import check_model_source
-from .fast import FastPaths, apply_fast_paths
+from .fast import FastPaths, apply_fast_paths, grouped_experts_apply
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,15 @@ def unsloth_available() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def grouped_experts_available(fast: FastPaths | None = None) -> bool:
-    return (fast is None or fast.grouped_experts) and hasattr(torch, "_grouped_mm")
+def run_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | None = None) -> str:
-    """auto = transformers + peft with the grouped-expert fast path wherever torch has grouped matmuls (the
-    fastest path measured, benchmarks/README.md); without them, Unsloth when a CUDA GPU and Unsloth are both there
-    and the run is on one device; else transformers + peft (the backend that runs data-parallel here)."""
+def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | None = None,
+                    dtype: torch.dtype | None = None) -> str:  # fmt: skip
+    """auto = transformers + peft with grouped experts wherever they run natively (bf16 on Hopper and newer, or the
+    CPU): the fastest path measured (benchmarks/README.md); otherwise Unsloth when a CUDA GPU and Unsloth are both
+    there and the run is on one device; else transformers + peft (the backend that runs data-parallel here)."""
     if backend == "unsloth" and world_size > 1:
         raise ValueError("backend 'unsloth' runs on one GPU here; use backend 'transformers' (or auto) with DDP")
     if backend == "unsloth" and not torch.cuda.is_available():
@@ -74,7 +75,8 @@ def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | Non
         raise RuntimeError("backend 'unsloth' asked for but Unsloth is not installed: pip install -e '.[unsloth]'")
     if backend != "auto":
         return backend
-    single, grouped = world_size == 1, grouped_experts_available(fast)
+    dtype = dtype or resolve_dtype("auto")
+    single, grouped = world_size == 1, grouped_experts_apply(fast or FastPaths(), run_device(), dtype)
     unsloth = single and not grouped and torch.cuda.is_available() and unsloth_available()
     chosen = "unsloth" if unsloth else "transformers"
     why = f"grouped experts={grouped}, cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, " \
@@ -101,14 +103,20 @@ def require_trust(settings: LoadSettings) -> None:
 
 
 def load_model(
-    settings: LoadSettings, lora: LoraSettings, world_size: int = 1, device: torch.device | None = None
+    settings: LoadSettings,
+    lora: LoraSettings,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any, str]:
-    """(peft model, tokenizer, backend used), trainable-parameter count and fast paths logged. `device` is where
-    the model will run (for the log line saying how its kernels run there)."""
+    """(peft model, tokenizer, backend used), trainable-parameter count and fast paths logged. `device` and
+    `compute_dtype` (autocast's, when it differs from the weights') say where and how the model will compute:
+    they decide which fast paths run."""
     require_trust(settings)
     check_model_source(settings.model_name_or_path)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
-    backend = resolve_backend(settings.backend, world_size, settings.fast)
+    compute_dtype = compute_dtype or resolve_dtype(settings.dtype)
+    backend = resolve_backend(settings.backend, world_size, settings.fast, compute_dtype)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
@@ -124,8 +132,8 @@ def load_model(
             param.data = param.data.float()
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    apply_fast_paths(model, settings.fast, device, resolve_dtype(settings.dtype))
+    device = device or run_device()
+    apply_fast_paths(model, settings.fast, device, compute_dtype)
     return model, tokenizer, backend
 
 

@@ -26,6 +26,7 @@ from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
 
 log = logging.getLogger(__name__)
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
 
 
@@ -118,7 +119,11 @@ class DeepSeekOCRModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.tokenizer, self.backend = load_model(
-                self.load_settings, self.lora, self.trainer.world_size, self.trainer.strategy.root_device
+                self.load_settings,
+                self.lora,
+                self.trainer.world_size,
+                self.trainer.strategy.root_device,
+                AUTOCAST_DTYPES.get(str(self.trainer.precision)),
             )
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
             # from_pretrained returns an eval-mode model and Lightning keeps submodule modes: train mode here is

@@ -41,6 +41,19 @@ def runs_on_several_devices(argv: list[str]) -> bool:
     return "ddp" in strategy or "fsdp" in strategy or (devices.isdigit() and int(devices) > 1) or "," in devices
 
 
+def auto_picks_grouped_experts(argv: list[str]) -> bool:
+    """What `loading.resolve_backend` will decide for `backend: auto` on this GPU, from the command line alone."""
+    import torch
+
+    from .fast import FastPaths, grouped_experts_apply
+
+    enabled = str(requested(argv, "model", "fast.grouped_experts", True)).lower() != "false"
+    name = str(requested(argv, "model", "dtype", "auto"))
+    dtype = getattr(torch, name) if name != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else
+                                                         torch.float16)  # fmt: skip
+    return grouped_experts_apply(FastPaths(grouped_experts=enabled), torch.device("cuda"), dtype)
+
+
 def import_unsloth_first(argv: list[str]) -> bool:
     """Import Unsloth now if the run will use it; True when it did."""
     backend = requested(argv, "model", "backend", "auto")
@@ -50,8 +63,7 @@ def import_unsloth_first(argv: list[str]) -> bool:
 
     if backend == "auto" and (not torch.cuda.is_available() or runs_on_several_devices(argv)):
         return False
-    grouped = str(requested(argv, "model", "fast.grouped_experts", True)).lower() != "false"
-    if backend == "auto" and grouped and hasattr(torch, "_grouped_mm"):
+    if backend == "auto" and auto_picks_grouped_experts(argv):
         return False  # auto picks transformers + grouped experts (loading.resolve_backend)
     import unsloth  # noqa: F401  (patches transformers and peft on import)
 

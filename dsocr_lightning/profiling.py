@@ -21,8 +21,13 @@ def kernel_time(events: Any) -> tuple[float, float, int]:
     """(seconds the GPU ran at least one kernel, summed kernel seconds, number of kernels) among profiler events."""
     from torch.autograd import DeviceType
 
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-               and not e.name.startswith(("Optimizer.", "ProfilerStep"))]  # ranges drawn on the GPU row: no work
+    kernels = [
+        e
+        for e in events
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and not e.name.startswith(("Optimizer.", "ProfilerStep"))
+    ]  # ranges drawn on the GPU row: no work
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, reach = 0.0, float("-inf")
     for start, end in spans:  # union of intervals: overlapping kernels count once
@@ -66,6 +71,8 @@ class GpuProfile(L.Callback):
         log.info("profiled micro-batch %d: %.3f s wall, GPU busy %.3f s (%.0f%%; kernels summed %.3f s), %d kernels",
                  self.batch, wall, seconds, 100 * seconds / wall, summed, count)  # fmt: skip
         for key in ("self_cpu_time_total", "self_device_time_total"):
-            log.info("top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=12, max_name_column_width=48))
+            log.info(
+                "top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=12, max_name_column_width=48)
+            )
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

@@ -49,7 +49,9 @@ def lora_model(folder, grouped: bool, dropout: float = 0.0):
 
 
 def batch_of(tokenizer, texts=TEXTS, prompts=False):
-    return OCRCollator(tokenizer, MODES["tiny"], with_prompts=prompts)([{"image": render_line(t), "text": t} for t in texts])
+    return OCRCollator(tokenizer, MODES["tiny"], with_prompts=prompts)(
+        [{"image": render_line(t), "text": t} for t in texts]
+    )
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
@@ -148,7 +150,10 @@ def test_adapter_keeps_the_peft_layout_and_reloads(real_routing_dir, tmp_path):
                 param.add_(1.0)
     fast.save_pretrained(tmp_path / "fast")
     reference.save_pretrained(tmp_path / "reference")
-    saved, ref_saved = load_file(tmp_path / "fast/adapter_model.safetensors"), load_file(tmp_path / "reference/adapter_model.safetensors")
+    saved, ref_saved = (
+        load_file(tmp_path / "fast/adapter_model.safetensors"),
+        load_file(tmp_path / "reference/adapter_model.safetensors"),
+    )
     assert set(saved) == set(ref_saved)  # one LoRA pair per expert projection, PEFT's names
     up_b = [k for k in saved if ".experts.7.up_proj.lora_B" in k]
     assert torch.equal(saved[up_b[0]], ref_saved[up_b[0]] + 1.0)
@@ -184,7 +189,7 @@ def test_decoding_generates_the_same_tokens(real_routing_dir):
 
 
 def test_lora_dropout_acts_on_the_grouped_path(real_routing_dir):
-    model, tokenizer = lora_model(real_routing_dir, grouped=True, dropout=0.5)
+    model, _ = lora_model(real_routing_dir, grouped=True, dropout=0.5)
     (layer,) = moe_layers(model)
     hidden = torch.randn(5, model.config.hidden_size)
     ids, weights = layer.gate(hidden[None])
@@ -193,3 +198,25 @@ def test_lora_dropout_acts_on_the_grouped_path(real_routing_dir):
         model.eval()
         evaluation = [layer.moe(hidden, ids, weights) for _ in range(2)]
     assert not torch.equal(train[0], train[1]) and torch.equal(evaluation[0], evaluation[1])
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "kind"),
+    [((9, 0), torch.bfloat16, "native"), ((9, 0), torch.float16, "slow"), ((7, 5), torch.float16, "slow")],
+)
+def test_grouped_experts_run_only_where_torch_has_a_native_kernel(monkeypatch, real_routing_dir, capability, dtype,
+                                                                  kind):  # fmt: skip
+    from dsocr_lightning.fast import apply_fast_paths, grouped_mm_kind
+    from dsocr_lightning.loading import resolve_backend
+
+    model, _ = lora_model(real_routing_dir, grouped=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("dsocr_lightning.loading.unsloth_available", lambda: True)
+    assert grouped_mm_kind(torch.device("cuda"), dtype) == kind
+    lines = apply_fast_paths(model, FastPaths(), torch.device("cuda"), dtype)
+    patched = any("moe" in vars(layer) for layer in moe_layers(model))
+    assert patched == (kind == "native"), lines
+    assert ("per-expert loop" in lines[0]) == (kind == "slow")
+    # backend auto: the grouped path where it runs natively, else Unsloth (the T4's fastest measured path)
+    assert resolve_backend("auto", 1, FastPaths(), dtype) == ("transformers" if kind == "native" else "unsloth")

@@ -88,7 +88,7 @@ def test_training_runs_in_train_mode_and_validation_in_eval_mode(probed):
 
 
 def test_lora_dropout_acts_while_training(probed):
-    (first, second), = probe_pairs = probed[0].dropout_pairs
+    ((first, second),) = probe_pairs = probed[0].dropout_pairs
     assert first != pytest.approx(second, abs=1e-6), probe_pairs
 
 

@@ -154,4 +154,3 @@ def patch_grouped_experts(model: nn.Module) -> int:
         layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
         layer.moe = types.MethodType(grouped_moe, layer)
     return len(layers)
-
