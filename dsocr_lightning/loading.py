@@ -133,7 +133,10 @@ def load_model(
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
     device = device or run_device()
-    apply_fast_paths(model, settings.fast, device, compute_dtype)
+    if backend == "unsloth":  # its compiled decoder layers may not call the patched methods: leave them as built
+        rank_zero_info("fast paths: not applied on the Unsloth backend (its compiled layers are left as it built them)")
+    else:
+        apply_fast_paths(model, settings.fast, device, compute_dtype)
     return model, tokenizer, backend
 
 
