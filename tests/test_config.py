@@ -7,7 +7,8 @@ import yaml
 
 from dsocr_lightning.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def printed_config(capsys, *args: str) -> dict:
@@ -29,7 +30,7 @@ def test_configs_present():
 
 
 def test_t4_is_the_reference_recipe(capsys):
-    config = printed_config(capsys, "--config", "configs/t4.yaml")
+    config = printed_config(capsys, "--config", str(CONFIG_DIR / "t4.yaml"))
     trainer, model, data = config["trainer"], config["model"], config["data"]
     assert (trainer["precision"], trainer["max_steps"], trainer["accumulate_grad_batches"]) == ("16-mixed", 60, 4)
     assert trainer["log_every_n_steps"] == 1 and config["seed_everything"] == 3407
@@ -47,7 +48,7 @@ def test_t4_is_the_reference_recipe(capsys):
 def test_command_line_overrides_the_file(capsys):
     config = printed_config(
         capsys,
-        "--config", "configs/t4.yaml",
+        "--config", str(CONFIG_DIR / "t4.yaml"),
         "--trainer.precision", "bf16-mixed",
         "--trainer.accumulate_grad_batches", "8",
     )  # fmt: skip

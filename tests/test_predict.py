@@ -1,6 +1,7 @@
 """`predict` writes one JSON line per image: from files, folders and globs, or from a split with its CER."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,7 @@ from dsocr_lightning.predict import expand_inputs
 from dsocr_lightning.render import render_line
 
 LINE = "می\u200cخواهم ۱۲"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_expand_inputs(tmp_path):
@@ -25,7 +27,7 @@ def test_expand_inputs(tmp_path):
 
 def predict(standin_dir, lines_dir, out, *extra):
     main([
-        "predict", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(standin_dir),
+        "predict", "--config", str(CONFIGS / "demo.yaml"), "--model.model_name_or_path", str(standin_dir),
         "--model.make_standin", "false", "--model.generation.max_new_tokens", "5",
         "--data.source", str(lines_dir), "--data.source_type", "imagefolder", "--data.num_workers", "0",
         "--prediction_writer.output", str(out), "--trainer.enable_progress_bar", "false", *extra,
