@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .checks import check_model_source
+from .checks import check_model_source, check_trust
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,13 @@ def resolve_dtype(dtype: DType) -> torch.dtype:
 
 
 def require_trust(settings: LoadSettings) -> None:
-    if not settings.trust_remote_code:
-        raise ValueError(
-            "DeepSeek-OCR ships its model code inside the checkpoint: set trust_remote_code: true to run that "
-            f"code from {settings.model_name_or_path!r} (read it first if you do not trust the source)"
-        )
+    check_trust(settings.trust_remote_code, settings.model_name_or_path)
 
 
 def load_model(settings: LoadSettings, lora: LoraSettings, world_size: int = 1) -> tuple[Any, Any, str]:
     """(peft model, tokenizer, backend used), trainable-parameter count logged."""
     require_trust(settings)
-    check_model_source(settings.model_name_or_path)
+    check_model_source(settings.model_name_or_path, settings.revision)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     backend = resolve_backend(settings.backend, world_size)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers

@@ -101,8 +101,7 @@ class DeepSeekOCRModule(L.LightningModule):
         if self.hparams.make_standin and not Path(self.hparams.model_name_or_path).exists():
             from .standin import write_standin_checkpoint
 
-            write_standin_checkpoint(self.hparams.model_name_or_path)
-            rank_zero_info(f"wrote the tiny TEST STAND-IN checkpoint to {self.hparams.model_name_or_path}")
+            write_standin_checkpoint(self.hparams.model_name_or_path)  # it logs where, once
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
@@ -123,8 +122,9 @@ class DeepSeekOCRModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_KEYS})
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Pixels travel as float32 and meet the vision towers in the base weights' dtype."""
+    def to_base_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not
+        in `on_after_batch_transfer`: Lightning warns when a module overrides that hook beside a DataModule.)"""
         dtype = self.base_dtype
         batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch.get("images", [])]
         return batch
@@ -133,7 +133,7 @@ class DeepSeekOCRModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["texts"]:
             return None  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
-        loss = self.guarded_forward(batch).loss
+        loss = self.guarded_forward(self.to_base_dtype(batch)).loss
         if not torch.isfinite(loss):
             return self.on_nonfinite(loss, batch_idx)
         self.train_loss.update(loss.detach())
@@ -181,7 +181,7 @@ class DeepSeekOCRModule(L.LightningModule):
         size = len(batch["texts"])
         if not size:
             return
-        self.val_loss.update(self(batch).loss)
+        self.val_loss.update(self(self.to_base_dtype(batch)).loss)
         self.log(f"{prefix}/loss", self.val_loss, batch_size=size)
         predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
         cers = self.val_cer.update(predictions, batch["texts"])
@@ -210,14 +210,16 @@ class DeepSeekOCRModule(L.LightningModule):
         set_inference(self.model, self.backend, True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per image: path, transcription, and the reference when the data has one."""
-        if not batch["texts"]:
-            return []
-        predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
-        return [
-            {"path": path, "text": text, "reference": reference or None}
-            for path, text, reference in zip(batch["paths"], predictions, batch["texts"])
-        ]
+        """One record per image, in input order: path, transcription and the reference when the data has one; or
+        path and the `error` that made the image unusable (policy `skip`)."""
+        records = [{"index": index, "path": path, "error": why} for _, index, path, why in batch.get("skipped", [])]
+        if batch["texts"]:
+            predictions = generate_texts(self.model, self.tokenizer, self.to_base_dtype(batch), self.generation)
+            records += [
+                {"index": index, "path": path, "text": text, "reference": reference or None}
+                for index, path, text, reference in zip(batch["indices"], batch["paths"], predictions, batch["texts"])
+            ]
+        return sorted(records, key=lambda record: record["index"])
 
     # ---- checkpoints and the adapter -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

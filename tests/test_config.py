@@ -25,6 +25,22 @@ def test_shipped_config_parses(capsys, path):
     assert config["data"]["instruction"].count("<image>") == 1
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_print_config_of_each_subcommand_loads_nothing(capsys, subcommand):
+    with pytest.raises(SystemExit):
+        main([subcommand, "--config", str(CONFIG_DIR / "t4.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["model_name_or_path"] == "unsloth/DeepSeek-OCR"
+
+
+def test_the_mode_names_are_the_modes():
+    from typing import get_args
+
+    from dsocr_lightning.data import ModeName
+    from dsocr_lightning.images import MODES
+
+    assert set(get_args(ModeName)) == set(MODES)
+
+
 def test_configs_present():
     assert {p.name for p in CONFIGS} >= {"t4.yaml", "h100.yaml", "demo.yaml"}
 
