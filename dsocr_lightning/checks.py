@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,6 +101,21 @@ def check_adapter(path: str, r: int, target_modules: list[str]) -> None:
 def check_ckpt_path(ckpt_path: str | None) -> None:
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
         raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file ('last' resumes the newest run)")
+
+
+def check_checkpointing(best: Any) -> None:
+    """`last.ckpt` belongs to the resume checkpoint (`last_checkpoint`); the monitored one keeps the best only."""
+    if best["save_last"]:
+        raise ConfigError("checkpoint.save_last: last.ckpt is written by last_checkpoint (every N steps and after "
+                          "each validation); leave checkpoint.save_last false")  # fmt: skip
+    monitor, filename = best["monitor"], best["filename"] or ""
+    if monitor and best["every_n_train_steps"]:
+        raise ConfigError(f"checkpoint.every_n_train_steps: the best checkpoint is judged at validations (by {monitor})"
+                          "; for a resume checkpoint every N steps use --last_checkpoint.every_n_train_steps N")  # fmt: skip
+    if monitor is None and "{val/" in filename:
+        raise ConfigError(f"checkpoint.filename {filename!r} names a metric but checkpoint.monitor is null: a "
+                          "checkpoint saved before validation would be named 0.0000; set checkpoint.save_top_k 0 "
+                          "for no best checkpoint")  # fmt: skip
 
 
 def check_precision(precision: str | None) -> None:

@@ -13,9 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import BadSamples, SpeedMonitor, StepProgressBar
 from .checkpoint_io import AtomicCheckpointIO
+from .checkpoints import LastCheckpoint
 from .checks import (
     ConfigError,
     check_adapter,
+    check_checkpointing,
     check_ckpt_path,
     check_model_source,
     check_precision,
@@ -35,12 +37,14 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
     },
 }
+# The best checkpoint by val/cer (written after a validation that improved it); last.ckpt, for resuming, is the
+# job of `last_checkpoint`, written every N steps whatever the monitor.
 CHECKPOINT_DEFAULTS = {
     "monitor": "val/cer",
     "mode": "min",
     "save_top_k": 1,
-    "save_last": True,
-    "filename": "step{step}-cer{val/cer:.4f}",
+    "save_last": False,
+    "filename": "best-step{step}-cer{val/cer:.4f}",
     "auto_insert_metric_name": False,
 }
 
@@ -54,9 +58,11 @@ class ShortUsageParser(LightningArgumentParser):
 
 class OCRLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks, each configurable: --checkpoint.monitor, --bad_samples.max_fraction, ...
+        # Always-on callbacks, each configurable: --checkpoint.monitor, --last_checkpoint.every_n_train_steps, ...
+        # (`checkpoint` before `last_checkpoint`: after a validation the best is saved first, then last.ckpt holds it.)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(SpeedMonitor, "speed_monitor")
         parser.add_lightning_class_args(BadSamples, "bad_samples")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
@@ -90,9 +96,11 @@ def resolve_last(config: Any) -> None:
     root = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["name"]
     found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
+        every = config["last_checkpoint"]["every_n_train_steps"]
         raise ConfigError(
-            f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root} yet: start without --ckpt_path, "
-            "or give a checkpoint file"
+            f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root} yet (a run writes it every {every} "
+            "optimizer steps, --last_checkpoint.every_n_train_steps, and after each validation): start without "
+            "--ckpt_path, or give a checkpoint file"
         )
     config["ckpt_path"] = str(found[-1])
     logger["init_args"]["version"] = found[-1].parents[1].name
@@ -110,6 +118,8 @@ def preflight(subcommand: str, config: Any) -> None:
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"))
     check_precision(config["trainer"]["precision"])
+    if subcommand == "fit":
+        check_checkpointing(config["checkpoint"])
 
 
 def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:

@@ -7,8 +7,8 @@ Weights load in `configure_model`, never in `__init__`, so `--print_config` touc
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from .checkpoints import best_checkpoint
 from .checks import check_precision, out_of_memory_message
+from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
 from .metrics import CERMetrics
@@ -95,6 +97,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -232,6 +235,8 @@ class DeepSeekOCRModule(L.LightningModule):
         }
 
     def on_fit_end(self) -> None:
+        """The adapter of the last step (`lora_model`) and, when validation ran, of the best checkpoint
+        (`lora_model_best`), in the run's log folder and beside `adapter_dir`."""
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if not self.trainer.is_global_zero:
             return
@@ -240,25 +245,47 @@ class DeepSeekOCRModule(L.LightningModule):
             targets.append(Path(self.hparams.adapter_dir))
         for target in targets:
             save_adapter(self.model, self.tokenizer, target)
-            rank_zero_info(f"LoRA adapter + tokenizer saved to {target}")
+            rank_zero_info(f"LoRA adapter + tokenizer of the last step ({self.global_step}) saved to {target}")
+        self.saved_adapters["last"] = targets
+        best = best_checkpoint(self.trainer)
+        if best is not None:
+            self.save_best_adapters(*best, targets)
+
+    def save_best_adapters(self, path: str, monitor: str, score: float, lasts: list[Path]) -> None:
+        """`<last>_best` for each last-step folder, from the best checkpoint's LoRA weights."""
+        targets = [last.with_name(f"{last.name}_best") for last in lasts]
+        with trainable_weights_from(self, path) as step:
+            for target in targets:
+                save_adapter(self.model, self.tokenizer, target)
+        self.saved_adapters["best"] = targets
+        where = ", ".join(str(t) for t in targets)
+        rank_zero_info(f"best LoRA adapter ({monitor} {score:.4f} at step {step}, {Path(path).name}) saved to {where}")
+
+
+@contextmanager
+def trainable_weights_from(module: L.LightningModule, checkpoint: str) -> Iterator[int]:
+    """The module's trainable (LoRA) weights replaced by a checkpoint's for the duration; yields its step."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    params = dict(module.named_parameters())
+    unknown = [key for key in saved["state_dict"] if key not in params]
+    if unknown:
+        raise ValueError(f"{checkpoint} has weights this model lacks: {unknown[:3]}")
+    kept = {key: params[key].detach().clone() for key in saved["state_dict"]}
+    with torch.no_grad():
+        for key, value in saved["state_dict"].items():
+            params[key].copy_(value)
+        try:
+            yield saved["global_step"]
+        finally:
+            for key, value in kept.items():
+                params[key].copy_(value)
 
 
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
     """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with replaced_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}-old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:

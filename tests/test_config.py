@@ -23,6 +23,9 @@ def test_shipped_config_parses(capsys, path):
     config = printed_config(capsys, "--config", str(path))
     assert config["model"]["trust_remote_code"] is True
     assert config["data"]["instruction"].count("<image>") == 1
+    # resumable as shipped: last.ckpt on its own cadence, the monitored checkpoint keeps the best only
+    assert config["last_checkpoint"]["every_n_train_steps"] == 10
+    assert config["checkpoint"]["monitor"] == "val/cer" and config["checkpoint"]["save_last"] is False
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])

@@ -67,6 +67,8 @@ CASES = {  # name: (flags, made from (tmp_path, standin_dir) or None, what the m
     "split string": (["--data.train_split", "train[1000]"], "not of the form name or name"),
     "instruction without image": (["--data.instruction", "Free OCR."], "exactly one '<image>'"),
     "checkpoint file missing": (["--ckpt_path", "nothing.ckpt"], "no such checkpoint file"),
+    "resume cadence on the best checkpoint": (["--checkpoint.every_n_train_steps", "2"],
+                                              "use --last_checkpoint.every_n_train_steps"),
 }  # fmt: skip
 
 
