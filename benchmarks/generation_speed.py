@@ -51,9 +51,7 @@ def main() -> None:
         batch = move_data_to_device(collate([samples[i] for i in range(size)]), "cuda")
         batch["images"] = [(c.bfloat16(), g.bfloat16()) for c, g in batch["images"]]
         timed_generate(model, tokenizer, batch, GenerationSettings(4))  # warm-up
-        seconds, tokens = timed_generate(
-            model, tokenizer, batch, GenerationSettings(args.max_new_tokens)
-        )
+        seconds, tokens = timed_generate(model, tokenizer, batch, GenerationSettings(args.max_new_tokens))
         how = "expert loop" if args.loop else "grouped experts"
         rows.append(f"| {backend}, {how} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
     print(f"| backend | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")

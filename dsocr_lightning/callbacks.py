@@ -1,4 +1,5 @@
-"""Callbacks: throughput and memory per optimizer step (`perf/*`), and the count of skipped bad samples."""
+"""Callbacks: throughput and memory per optimizer step (`perf/*`), the count of skipped bad samples, and a progress
+bar that counts what is left of the run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class SpeedMonitor(L.Callback):
-    """Seconds per optimizer step, samples/s and peak CUDA memory, logged every optimizer step."""
+    """Seconds per optimizer step, samples/s and peak CUDA memory, logged every optimizer step.
+
+    Not Lightning's `ThroughputMonitor`: that one times micro-batches over a rolling window and logs no memory,
+    while the benchmark tables (benchmarks/summarize.py) compare seconds per optimizer step and peak memory with the
+    reference's Trainer; it has no state, so resuming does not depend on it either way.
+    """
 
     def __init__(self) -> None:
         self.start: float | None = None
@@ -56,16 +63,18 @@ class BadSamples(L.Callback):
         self.max_fraction, self.min_samples, self.show = max_fraction, min_samples, show
         self.bad = self.seen = 0
 
-    def count(self, batch: dict[str, Any], pl_module: L.LightningModule) -> None:
+    def count(self, batch: dict[str, Any], pl_module: L.LightningModule, judge: bool = True) -> None:
+        """Counts and reports the batch's skipped samples; `judge=False` (prediction) reports every one and never
+        stops the run: each also gets its JSONL line with an `error` field."""
         skipped = batch.get("skipped", [])
         self.seen += len(skipped) + len(batch.get("texts", []))
         for split, index, path, reason in skipped:
             self.bad += 1
-            if self.bad <= self.show:
+            if self.bad <= self.show or not judge:
                 log.warning("skipped bad sample %d: split %r index %s (%s): %s", self.bad, split, index, path, reason)
-        if skipped:
+        if skipped and judge:
             pl_module.log("data/skipped", float(self.bad), on_step=True, reduce_fx="max")
-        if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
+        if judge and self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
             raise RuntimeError(
                 f"{self.bad} of {self.seen} samples were bad (> {self.max_fraction:.1%}): fix the data or raise "
                 "--bad_samples.max_fraction"
@@ -77,8 +86,27 @@ class BadSamples(L.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch: Any, idx: int, dataloader_idx: int = 0) -> None:
         self.count(batch, pl_module)
 
+    def on_test_batch_start(self, trainer, pl_module, batch: Any, idx: int, dataloader_idx: int = 0) -> None:
+        self.count(batch, pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, idx: int, dataloader_idx: int = 0) -> None:
+        self.count(batch, pl_module, judge=False)
+
     def state_dict(self) -> dict[str, int]:
         return {"bad": self.bad, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.bad, self.seen = state["bad"], state["seen"]
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, with the training total a run with `max_steps` really has left: Lightning compares the
+    remaining optimizer steps with micro-batches, so under gradient accumulation an epoch read `0/20`, then `21/?`."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, left)
+        return trainer.num_training_batches

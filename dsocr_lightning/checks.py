@@ -1,46 +1,128 @@
-"""Plain-spoken checks that fail early, before hours of GPU time, with the remedy in the message."""
+"""Plain-spoken checks that fail early, before hours of GPU time, with the remedy in the message.
+
+`ConfigError` is what a wrong setting or path raises; `python -m dsocr_lightning` prints its message alone (a few
+lines naming the fix) instead of a traceback. The CLI runs these checks before anything loads.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 KNOWN_MODEL_TYPES = {"deepseek_vl_v2", "DeepseekOCR", "dsocr_standin"}
+DOWNLOAD_HINT = (
+    "python -c 'from huggingface_hub import snapshot_download; "
+    'snapshot_download("unsloth/DeepSeek-OCR", local_dir="{folder}")\''
+)
+
+
+class ConfigError(ValueError):
+    """A setting or path that cannot work; the message says what to change."""
 
 
 def looks_like_path(name: str) -> bool:
-    """A hub id is `owner/name`; anything with a leading `.`, `/`, `~` or more slashes is meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    """A hub id is `owner/name`; anything else (`deepseek_ocr`, `./x`, `/a/b`, `~/x`, `a/b/c`) is a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
-def check_model_source(name: str) -> None:
-    """A local model folder must exist and hold a DeepSeek-OCR checkpoint: config, remote code, safetensors."""
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_model_source(name: str, revision: str | None = None) -> None:
+    """A local model folder must exist and hold a DeepSeek-OCR checkpoint: config, remote code, safetensors,
+    tokenizer. A hub id must be in the local cache when the hub is switched off."""
     if not looks_like_path(name):
-        return  # a hub id: the hub answers for it
+        return check_hub_model(name, revision)
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {name!r} does not exist (snapshot_download it, or give a hub id)")
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ValueError(f"{name!r} is not a model checkpoint: it has no config.json")
-    config = json.loads(config_path.read_text())
+        raise ConfigError(
+            f"model folder {name!r} not found (looked for {folder.resolve()}). Download it first:\n  "
+            + DOWNLOAD_HINT.format(folder=name)
+            + "\nor give a hub id such as unsloth/DeepSeek-OCR."
+        )
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"{name!r} has no config.json, so it is no model checkpoint (an unfinished download? "
+                          "run snapshot_download again)")  # fmt: skip
+    check_model_files(name, folder)
+
+
+def check_model_files(name: str, folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
     module = config.get("auto_map", {}).get("AutoModel", "").split(".")[0]
     if config.get("model_type") not in KNOWN_MODEL_TYPES or not (folder / f"{module}.py").exists():
-        raise ValueError(
+        raise ConfigError(
             f"{name!r} is not a DeepSeek-OCR checkpoint (model_type {config.get('model_type')!r}, "
             f"remote code {module or 'missing'}): expected unsloth/DeepSeek-OCR or deepseek-ai/DeepSeek-OCR files"
         )
     if not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{name!r} has no .safetensors weights; weights are only loaded from safetensors")
+        raise ConfigError(f"{name!r} has no .safetensors weights; weights are only loaded from safetensors")
+    if not (folder / "tokenizer_config.json").exists():
+        raise ConfigError(f"{name!r} has no tokenizer (tokenizer_config.json): download the whole checkpoint")
+
+
+def check_hub_model(name: str, revision: str | None) -> None:
+    if not hub_offline():
+        return  # the hub answers for it
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        raise ConfigError(
+            f"{name!r} is not in the local Hugging Face cache and the hub is switched off (HF_HUB_OFFLINE=1): "
+            "download it where there is a network (snapshot_download) and pass the folder"
+        )
+
+
+def check_trust(trust_remote_code: bool, name: str) -> None:
+    if not trust_remote_code:
+        raise ConfigError(
+            "DeepSeek-OCR ships its model code inside the checkpoint: set trust_remote_code: true to run that "
+            f"code from {name!r} (read it first if you do not trust the source)"
+        )
+
+
+def check_adapter(path: str, r: int, target_modules: list[str]) -> None:
+    """A saved PEFT adapter folder whose rank and targets are the configured ones."""
+    config_path = Path(path) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"adapter {path!r} not found: expected a folder with adapter_config.json (lora_model)")
+    saved = json.loads(config_path.read_text())
+    if saved.get("r") != r or set(saved.get("target_modules") or []) != set(target_modules):
+        raise ConfigError(
+            f"adapter {path} has r={saved.get('r')} on {sorted(saved.get('target_modules') or [])}; the model is "
+            f"set up with r={r} on {sorted(target_modules)}: set model.lora to match"
+        )
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+        raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file ('last' resumes the newest run)")
+
+
+def check_checkpointing(best: Any) -> None:
+    """`last.ckpt` belongs to the resume checkpoint (`last_checkpoint`); the monitored one keeps the best only."""
+    if best["save_last"]:
+        raise ConfigError("checkpoint.save_last: last.ckpt is written by last_checkpoint (every N steps and after "
+                          "each validation); leave checkpoint.save_last false")  # fmt: skip
+    monitor, filename = best["monitor"], best["filename"] or ""
+    if monitor and best["every_n_train_steps"]:
+        raise ConfigError(f"checkpoint.every_n_train_steps: the best checkpoint is judged at validations (by {monitor})"
+                          "; for a resume checkpoint every N steps use --last_checkpoint.every_n_train_steps N")  # fmt: skip
+    if monitor is None and "{val/" in filename:
+        raise ConfigError(f"checkpoint.filename {filename!r} names a metric but checkpoint.monitor is null: a "
+                          "checkpoint saved before validation would be named 0.0000; set checkpoint.save_top_k 0 "
+                          "for no best checkpoint")  # fmt: skip
 
 
 def check_precision(precision: str | None) -> None:
     """bf16 asked for on a GPU without it (the T4) fails late and obscurely: say so now."""
     if precision and "bf16" in str(precision) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
-        raise ValueError(f"{name} has no bf16: use --trainer.precision 16-mixed (configs/t4.yaml does)")
+        raise ConfigError(f"{name} has no bf16: use --trainer.precision 16-mixed (configs/t4.yaml does)")
 
 
 def out_of_memory_message(error: BaseException, batch_size: int, mode: str) -> str:

@@ -4,45 +4,66 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import BadSamples, SpeedMonitor
+from .callbacks import BadSamples, SpeedMonitor, StepProgressBar
 from .checkpoint_io import AtomicCheckpointIO
-from .data import OCRDataModule
+from .checkpoints import LastCheckpoint
+from .checks import (
+    ConfigError,
+    check_adapter,
+    check_checkpointing,
+    check_ckpt_path,
+    check_model_source,
+    check_precision,
+    check_trust,
+)
+from .data import OCRDataModule, check_data_settings
 from .module import DeepSeekOCRModule
 from .predict import JsonlPredictionWriter
 from .profiling import GpuProfile
+from .quiet import silence_known_noise
 
 TRAINER_DEFAULTS = {
     # the data module shards by rank itself (resumable, no duplicated evaluation samples)
     "use_distributed_sampler": False,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": ".", "name": "lightning_logs"},
+        # no hp_metric: the run's metric is val/cer, and an hp_metric that is never written shows up empty
+        "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
     },
 }
+# The best checkpoint by val/cer (written after a validation that improved it); last.ckpt, for resuming, is the
+# job of `last_checkpoint`, written every N steps whatever the monitor.
 CHECKPOINT_DEFAULTS = {
     "monitor": "val/cer",
     "mode": "min",
     "save_top_k": 1,
-    "save_last": True,
-    "filename": "step{step}-cer{val/cer:.4f}",
+    "save_last": False,
+    "filename": "best-step{step}-cer{val/cer:.4f}",
     "auto_insert_metric_name": False,
 }
 
 
+class ShortUsageParser(LightningArgumentParser):
+    """A wrong flag or value is answered with the error and the way to `--help`, not 150 lines of usage."""
+
+    def print_usage(self, file: IO[str] | None = None) -> None:
+        """jsonargparse prints the usage before its `tip: ... --help` and `error: ...` lines; those suffice."""
+
+
 class OCRLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks, each configurable: --checkpoint.monitor, --lr_monitor.logging_interval, ...
+        # Always-on callbacks, each configurable: --checkpoint.monitor, --last_checkpoint.every_n_train_steps, ...
+        # (`checkpoint` before `last_checkpoint`: after a validation the best is saved first, then last.ckpt holds it.)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(SpeedMonitor, "speed_monitor")
         parser.add_lightning_class_args(BadSamples, "bad_samples")
         parser.add_lightning_class_args(GpuProfile, "gpu_profile")
@@ -53,31 +74,61 @@ class OCRLightningCLI(LightningCLI):
         parser.link_arguments("model.revision", "data.revision")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Checkpoints are written atomically unless the config brings its own checkpoint plugin."""
-        plugins = self.config_init[self.subcommand]["trainer"].get("plugins") if self.subcommand else None
-        if not plugins:
+        """Checkpoints are written atomically unless the config brings its own checkpoint plugin; the progress bar
+        counts the micro-batches a run has left (Lightning's counts optimizer steps against micro-batches)."""
+        trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        if not trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """`--ckpt_path last` means the newest run's last.ckpt, continued in that run's log folder."""
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if not config or config.get("ckpt_path") != "last":
-            return
-        logger = config["trainer"]["logger"]
-        root = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["name"]
-        found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root}")
-        config["ckpt_path"] = str(found[-1])
-        logger["init_args"]["version"] = found[-1].parents[1].name
-        rank_zero_info(f"resuming from {found[-1]}")
+        """Every setting and path that can be checked without loading anything is checked now."""
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        if config.get("ckpt_path") == "last":
+            resolve_last(config)
+        preflight(self.subcommand or "fit", config)
+
+
+def resolve_last(config: Any) -> None:
+    """`--ckpt_path last` means the newest run's last.ckpt, continued in that run's log folder."""
+    logger = config["trainer"]["logger"]
+    root = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["name"]
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        every = config["last_checkpoint"]["every_n_train_steps"]
+        raise ConfigError(
+            f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root} yet (a run writes it every {every} "
+            "optimizer steps, --last_checkpoint.every_n_train_steps, and after each validation): start without "
+            "--ckpt_path, or give a checkpoint file"
+        )
+    config["ckpt_path"] = str(found[-1])
+    logger["init_args"]["version"] = found[-1].parents[1].name
+    rank_zero_info(f"resuming from {found[-1]}")
+
+
+def preflight(subcommand: str, config: Any) -> None:
+    """Config and path errors before any tokenizer, data or weights load, each naming its fix."""
+    model = config["model"]
+    check_trust(model["trust_remote_code"], model["model_name_or_path"])
+    if not (model["make_standin"] and not Path(model["model_name_or_path"]).exists()):
+        check_model_source(model["model_name_or_path"], model["revision"])
+    if model["adapter_path"]:
+        check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
+    check_data_settings(subcommand, config["data"])
+    check_ckpt_path(config.get("ckpt_path"))
+    check_precision(config["trainer"]["precision"])
+    if subcommand == "fit":
+        check_checkpointing(config["checkpoint"])
 
 
 def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:
     """The CLI; `run=False` builds model, data and trainer from `args` (the first word is then no subcommand)
     without running, as tests do to add a probe callback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    silence_known_noise()
     return OCRLightningCLI(
         DeepSeekOCRModule,
         OCRDataModule,
@@ -85,6 +136,7 @@ def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=ShortUsageParser,
         args=args,
         run=run,
     )

@@ -146,6 +146,7 @@ class OCRCollator:
         good, prepared, skipped = self.triage(samples)
         batch: dict[str, Any] = {"texts": [s["text"] or "" for s in good], "skipped": skipped}
         batch["paths"] = [str(s.get("path", "")) for s in good]
+        batch["indices"] = [s.get("index") for s in good]
         if not good:
             return batch
         views, encoded = [v for v, _ in prepared], [e for _, e in prepared]

@@ -8,7 +8,10 @@ Splits are strings like `train[:1000]` or `test[:200]`.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +20,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator
+from .checks import ConfigError, check_model_source
+from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_instruction
 from .images import MODES, Mode
 from .loading import load_tokenizer
 from .sampling import ResumableLoader, ShardedEpochSampler
 
+log = logging.getLogger(__name__)
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
+ModeName = Literal["tiny", "small", "base", "large", "gundam"]  # the keys of images.MODES
+LOCAL_KINDS = ("imagefolder", "jsonl", "disk", "synthetic")
 SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
 
@@ -43,6 +50,69 @@ def detect_source(source: str) -> str:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return "disk"
     return "imagefolder" if path.is_dir() else "hub"
+
+
+def looks_local(source: str) -> bool:
+    """`./x`, `/x`, `~/x`, `a/b/c` and `*.jsonl` name local data; `owner/name` (or a bare name) a hub dataset."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".jsonl")
+
+
+def used_splits(stage: str, hp: Mapping[str, Any]) -> list[str]:
+    """The split strings a subcommand reads; a missing one that it needs is a config error."""
+    needed = {"fit": "train_split", "validate": "val_split", "test": "test_split"}.get(stage)
+    if needed and not hp[needed]:
+        raise ConfigError(f"set data.{needed} to run `{stage}`")
+    if stage == "predict" and not (hp["predict_inputs"] or hp["predict_split"]):
+        raise ConfigError("set data.predict_inputs (files, folders, globs) or data.predict_split to run `predict`")
+    names = {"fit": ["train_split", "val_split"], "validate": ["val_split"], "test": ["test_split"],
+             "predict": ["predict_split"]}.get(stage, [])  # fmt: skip
+    return [hp[name] for name in names if hp[name]]
+
+
+def check_data_settings(stage: str, hp: Mapping[str, Any]) -> None:
+    """What can be checked without reading any data: the instruction, the split strings, that the source (and each
+    manifest) is there, that prediction inputs exist."""
+    try:
+        split_instruction(hp["instruction"])
+        splits = used_splits(stage, hp)
+        names = [parse_split(split)[0] for split in splits]
+        check_source(hp["source"], hp["source_type"], names)
+        if stage == "predict" and hp["predict_inputs"]:
+            from .predict import expand_inputs
+
+            expand_inputs(hp["predict_inputs"])
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_source(source: str, source_type: str, split_names: list[str]) -> None:
+    if source_type == "synthetic":
+        return  # rendered there if missing
+    kind = detect_source(source) if source_type == "auto" else source_type
+    if kind == "hub" and source_type == "auto" and looks_local(source):
+        raise ConfigError(f"data source {source!r} not found (looked for {Path(source).expanduser().resolve()}): "
+                          "give an existing folder or JSONL manifest, or a hub dataset id (owner/name)")  # fmt: skip
+    if kind in ("imagefolder", "disk") and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"data folder {source!r} not found (data.source_type {kind})")
+    for name in split_names if kind == "jsonl" else []:
+        if not Path(source.format(split=name)).expanduser().is_file():
+            raise ConfigError(f"no manifest {source.format(split=name)!r} for split {name!r}")
+
+
+@contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """datasets' progress bars ("Downloading data", "Generating train split") for hub downloads only: for local
+    files they only announce a copy into the cache."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hide = not shown and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
 
 
 class OCRSamples(Dataset):
@@ -97,7 +167,7 @@ class OCRDataModule(L.LightningDataModule):
         image_column: str = "image_path",
         text_column: str = "text",
         instruction: str = DEFAULT_INSTRUCTION,
-        mode: str = "gundam",
+        mode: ModeName = "gundam",
         base_size: int | None = None,
         image_size: int | None = None,
         crop_mode: bool | None = None,
@@ -108,6 +178,7 @@ class OCRDataModule(L.LightningDataModule):
         num_workers: int = 2,
         shuffle: bool = True,
         bad_sample_policy: BadSamplePolicy = "error",
+        scan: bool = False,
         dataset_revision: str | None = None,
         synthetic_sizes: dict[str, int] | None = None,
         seed: int = 3407,
@@ -140,6 +211,8 @@ class OCRDataModule(L.LightningDataModule):
             shuffle: shuffle the training split (off to compare runs on the same batches).
             bad_sample_policy: `error` stops at the first unusable sample, naming split, index and path; `skip`
                 drops it and counts it (the `bad_samples` callback fails the run past its fraction).
+            scan: before the run, decode and tokenise every sample of the splits it uses, and list every unusable
+                one at once (policy `error`: stop before training; `skip`: warn).
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
             seed: seed of the synthetic lines.
@@ -174,22 +247,45 @@ class OCRDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
-        wanted = {
-            "fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split],
-            "predict": [hp.predict_split],
-        }  # fmt: skip
-        for split in wanted.get(stage, []):
-            if split and split not in self.datasets:
+        for split in used_splits(stage, hp):
+            if split not in self.datasets:
                 self.datasets[split] = self.load_split(split)
+        if stage == "predict" and hp.predict_inputs and "predict" not in self.datasets:
+            from .predict import ImageFiles, expand_inputs
+
+            self.datasets["predict"] = ImageFiles(expand_inputs(hp.predict_inputs))
+        if self.tokenizer is None:
+            self.tokenizer = self.load_tokenizer()
+        if hp.scan:
+            self.scan(stage)
+
+    def load_tokenizer(self) -> Any:
+        """The checkpoint's tokenizer, after the same check the model gets (a missing folder is no hub id)."""
+        hp = self.hparams
+        check_model_source(hp.tokenizer_name_or_path, hp.revision)
+        try:
+            return load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"could not load the tokenizer of {hp.tokenizer_name_or_path!r}: {error}") from error
+
+    def scan(self, stage: str) -> None:
+        """Every sample of the stage's splits through the collator's checks, all problems reported at once."""
+        from .scan import report_problems, scan_samples
+
+        hp = self.hparams
+        names = used_splits(stage, hp) + (["predict"] if "predict" in self.datasets and stage == "predict" else [])
+        for split in names:
+            collate = self.collator(False, split, inference=stage == "predict")
+            problems = scan_samples(self.datasets[split], collate, hp.eval_batch_size, hp.num_workers)
+            report_problems(split, problems, len(self.datasets[split]), hp.bad_sample_policy)
 
     def load_split(self, spec: str) -> Dataset:
         """One split of the configured source as samples; a source or split that is not there says so plainly."""
         try:
-            return self.read_split(spec)
+            with progress_bars(self.resolved_type() not in LOCAL_KINDS):
+                return self.read_split(spec)
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
-            raise type(error)(
+            raise ConfigError(
                 f"could not load split {spec!r} of {self.hparams.source!r} ({self.resolved_type()}): {error}\n"
                 "Check the dataset id or folder and the split name; offline, a hub dataset must be in the local "
                 "cache (or saved with save_to_disk and given as a folder)."
@@ -264,17 +360,10 @@ class OCRDataModule(L.LightningDataModule):
         return self.loader(self.hparams.val_split, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        if not self.hparams.test_split:
-            raise ValueError("set data.test_split to run `test`")
         return self.loader(self.hparams.test_split, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Images from `predict_inputs` (files, folders, globs), else the `predict_split` of the source."""
         hp = self.hparams
-        if hp.predict_inputs:
-            from .predict import ImageFiles, expand_inputs
-
-            return self.loader("predict", train=False, dataset=ImageFiles(expand_inputs(hp.predict_inputs)))
-        if not hp.predict_split:
-            raise ValueError("set data.predict_inputs (files, folders, globs) or data.predict_split to run `predict`")
-        return self.loader("predict", train=False, dataset=self.datasets[hp.predict_split])
+        split = "predict" if hp.predict_inputs else hp.predict_split
+        return self.loader("predict", train=False, dataset=self.datasets[split])

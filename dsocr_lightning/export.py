@@ -1,18 +1,25 @@
 """Merge a saved LoRA adapter into its base model and write a plain 16-bit checkpoint (no peft needed to load).
 
 python -m dsocr_lightning export lora_model deepseek_ocr_persian --trust_remote_code true [--dtype bfloat16]
+
+The adapter may be `lora_model` (last step), `lora_model_best` (best val/cer), or a fit checkpoint (`.ckpt`).
+Memory stays near the size of the base checkpoint as stored (16-bit for DeepSeek-OCR): the base loads in its own
+dtype, each LoRA layer is merged on its own (its update computed in float32 and added in float32, the sum rounded
+once to the saved dtype), and the weights are written in shards.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from .checks import ConfigError, looks_like_path
+from .folders import replaced_folder
 
 # Above this rounding error of the adapter's update the merged model drifts from the adapter's output. Measured on
 # the real architecture (random weights, benchmarks/README.md): 17 % (bf16, a 60-step adapter) left the loss within
@@ -30,64 +37,114 @@ def base_folder(base_model: str, revision: str | None) -> Path:
 
 
 def export(
-    adapter_dir: str,
+    adapter: str,
     out_dir: str,
     base_model: str | None = None,
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    max_shard_size: str = "1GB",
 ) -> Path:
-    """Merge `adapter_dir` into its base and save weights (safetensors), config, remote code and tokenizer.
+    """Merge `adapter` into its base and save weights (safetensors), config, remote code and tokenizer.
 
     Args:
-        adapter_dir: a PEFT adapter folder as `fit` saves it (adapter + tokenizer).
+        adapter: a PEFT adapter folder as `fit` saves it (`lora_model`, `lora_model_best`) or a fit checkpoint (.ckpt).
         out_dir: where the merged checkpoint goes (replaced whole, never half-written).
-        base_model: hub id or folder of the base; default: the adapter's `base_model_name_or_path`.
+        base_model: hub id or folder of the base; default: the one the adapter or checkpoint was trained from.
         dtype: dtype of the saved weights.
         trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR cannot load without it).
         revision: hub revision of the base.
+        max_shard_size: largest safetensors file written (saving holds about one shard in memory at a time).
     """
-    from peft import PeftModel
-    from transformers import AutoModel, AutoTokenizer
-
     if not trust_remote_code:
-        raise ValueError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
-    adapter = Path(adapter_dir)
-    base = base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModel.from_pretrained(base, trust_remote_code=True, dtype=torch.float32, use_safetensors=True,
-                                      revision=revision)  # fmt: skip
-    peft_model, saved_dtype = PeftModel.from_pretrained(model, adapter), getattr(torch, dtype)
-    report_rounding(update_rounding_error(peft_model, saved_dtype), dtype)
-    merged = peft_model.merge_and_unload().to(saved_dtype)
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    merged.save_pretrained(tmp, safe_serialization=True)
-    for code in base_folder(base, revision).glob("*.py"):
-        shutil.copy2(code, tmp / code.name)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True).save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    rank_zero_info(f"merged {adapter} into {base}: {target} ({dtype})")
-    return target
+        raise ConfigError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
+    source = AdapterSource.open(adapter, base_model)
+    peft_model = source.peft_model(revision)
+    report_rounding(merge_lora_layers(peft_model, getattr(torch, dtype)), dtype)
+    merged = peft_model.unload().to(getattr(torch, dtype))  # LoRA layers out (already merged), the rest converted
+    with replaced_folder(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        for code in base_folder(source.base, revision).glob("*.py"):
+            shutil.copy2(code, tmp / code.name)
+        source.tokenizer().save_pretrained(tmp)
+    rank_zero_info(f"merged {adapter} into {source.base}: {out_dir} ({dtype})")
+    return Path(out_dir)
+
+
+class AdapterSource:
+    """Where the LoRA weights, their configuration and the base come from: an adapter folder or a `.ckpt`."""
+
+    def __init__(self, path: Path, base: str, checkpoint: dict[str, Any] | None) -> None:
+        self.path, self.base, self.checkpoint = path, base, checkpoint
+
+    @classmethod
+    def open(cls, adapter: str, base_model: str | None) -> AdapterSource:
+        path = Path(adapter)
+        if path.is_file() and path.suffix == ".ckpt":
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            base = base_model or checkpoint["hyper_parameters"]["model_name_or_path"]
+            return cls(path, base, checkpoint)
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"{adapter!r} is neither an adapter folder (with adapter_config.json, as lora_model "
+                              "and lora_model_best) nor a fit checkpoint (.ckpt)")  # fmt: skip
+        base = base_model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return cls(path, base, None)
+
+    def load_base(self, revision: str | None) -> torch.nn.Module:
+        """The base in the dtype it is stored in (16-bit for DeepSeek-OCR): no float32 copy of 3B weights."""
+        from transformers import AutoModel
+
+        if looks_like_path(self.base) and not Path(self.base).is_dir():
+            raise ConfigError(f"base model {self.base!r} not found: pass --base_model (a folder or hub id)")
+        return AutoModel.from_pretrained(self.base, trust_remote_code=True, dtype="auto", use_safetensors=True,
+                                         revision=revision)  # fmt: skip
+
+    def peft_model(self, revision: str | None) -> Any:
+        """The base with the LoRA layers and weights of the adapter (float32 LoRA weights, as peft keeps them)."""
+        from peft import PeftModel, get_peft_model
+
+        from .loading import LoraSettings, peft_config
+
+        base = self.load_base(revision)
+        if self.checkpoint is None:
+            return PeftModel.from_pretrained(base, self.path)
+        model = get_peft_model(base, peft_config(LoraSettings(**self.checkpoint["hyper_parameters"]["lora"])))
+        from .fast.moe import per_expert_state_dict
+
+        weights = {key.removeprefix("model."): value for key, value in self.checkpoint["state_dict"].items()}
+        weights = per_expert_state_dict(weights)  # a checkpoint of grouped experts holds their LoRA stacked
+        result = model.load_state_dict(weights, strict=False)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"{self.path} does not fit its LoRA settings: {(result.unexpected_keys + missing)[:3]}")
+        return model
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        folder = self.path if (self.path / "tokenizer_config.json").exists() else self.base
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
 
 @torch.no_grad()
-def update_rounding_error(peft_model: torch.nn.Module, dtype: torch.dtype) -> float:
-    """||round(W + dW) - (W + dW)|| / ||dW|| over all LoRA layers: how much of the adapter's weight update
-    `dW = B A * scale` the merged weights lose when stored (and run) in `dtype`. Unmerged, dW is kept exact."""
+def merge_lora_layers(peft_model: torch.nn.Module, dtype: torch.dtype) -> float:
+    """Merge every LoRA layer into its base weight, one layer at a time: W' = round(W + dW), with the update
+    dW = B A * scale and the sum computed in float32 and rounded once to `dtype` (peft rounds dW to the weights'
+    dtype before adding). Returns ||W' - (W + dW)|| / ||dW|| over all layers: how much of the adapter's update the
+    merged weights lose when stored (and run) in `dtype`; unmerged, dW is kept exact."""
     from peft.tuners.lora import LoraLayer
 
     lost = update = 0.0
-    for layer in peft_model.modules():
-        if isinstance(layer, LoraLayer):
-            for name in layer.active_adapters:
-                delta = layer.get_delta_weight(name).float()
-                merged = layer.get_base_layer().weight.float() + delta
-                lost += (merged.to(dtype).float() - merged).pow(2).sum().item()
-                update += delta.pow(2).sum().item()
+    for layer in [m for m in peft_model.modules() if isinstance(m, LoraLayer)]:
+        if any(layer.use_dora.values()) or any(layer.lora_bias.values()):
+            raise ValueError("export merges plain LoRA adapters (no DoRA, no LoRA bias)")
+        base = layer.get_base_layer()
+        delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+        exact = base.weight.float() + delta
+        rounded = exact.to(dtype)
+        lost += (rounded.float() - exact).pow(2).sum().item()
+        update += delta.pow(2).sum().item()
+        base.weight = torch.nn.Parameter(rounded, requires_grad=False)
     return (lost / update) ** 0.5 if update else 0.0
 
 
@@ -103,4 +160,7 @@ def report_rounding(error: float, dtype: str) -> None:
 def main(argv: list[str] | None = None) -> Path:
     from jsonargparse import CLI
 
+    from .quiet import silence_known_noise
+
+    silence_known_noise()
     return CLI(export, args=argv)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .checks import check_model_source
+from .checks import check_model_source, check_trust
 from .fast import FastPaths, apply_fast_paths, grouped_experts_apply
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,7 @@ def resolve_dtype(dtype: DType) -> torch.dtype:
 
 
 def require_trust(settings: LoadSettings) -> None:
-    if not settings.trust_remote_code:
-        raise ValueError(
-            "DeepSeek-OCR ships its model code inside the checkpoint: set trust_remote_code: true to run that "
-            f"code from {settings.model_name_or_path!r} (read it first if you do not trust the source)"
-        )
+    check_trust(settings.trust_remote_code, settings.model_name_or_path)
 
 
 def load_model(
@@ -113,7 +109,7 @@ def load_model(
     `compute_dtype` (autocast's, when it differs from the weights') say where and how the model will compute:
     they decide which fast paths run."""
     require_trust(settings)
-    check_model_source(settings.model_name_or_path)
+    check_model_source(settings.model_name_or_path, settings.revision)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     compute_dtype = compute_dtype or resolve_dtype(settings.dtype)
     backend = resolve_backend(settings.backend, world_size, settings.fast, compute_dtype)

@@ -7,8 +7,8 @@ Weights load in `configure_model`, never in `__init__`, so `--print_config` touc
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +18,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from .checkpoints import best_checkpoint
 from .checks import check_precision, out_of_memory_message
 from .fast import FastPaths
+from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
 from .metrics import CERMetrics
@@ -101,14 +103,14 @@ class DeepSeekOCRModule(L.LightningModule):
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.hparams.make_standin and not Path(self.hparams.model_name_or_path).exists():
             from .standin import write_standin_checkpoint
 
-            write_standin_checkpoint(self.hparams.model_name_or_path)
-            rank_zero_info(f"wrote the tiny TEST STAND-IN checkpoint to {self.hparams.model_name_or_path}")
+            write_standin_checkpoint(self.hparams.model_name_or_path)  # it logs where, once
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
@@ -134,8 +136,9 @@ class DeepSeekOCRModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_KEYS})
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Pixels travel as float32 and meet the vision towers in the base weights' dtype."""
+    def to_base_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not
+        in `on_after_batch_transfer`: Lightning warns when a module overrides that hook beside a DataModule.)"""
         dtype = self.base_dtype
         batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch.get("images", [])]
         return batch
@@ -144,7 +147,7 @@ class DeepSeekOCRModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["texts"]:
             return None  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
-        loss = self.guarded_forward(batch).loss
+        loss = self.guarded_forward(self.to_base_dtype(batch)).loss
         if not torch.isfinite(loss):
             return self.on_nonfinite(loss, batch_idx)
         self.train_loss.update(loss.detach())
@@ -192,7 +195,7 @@ class DeepSeekOCRModule(L.LightningModule):
         size = len(batch["texts"])
         if not size:
             return
-        self.val_loss.update(self(batch).loss)
+        self.val_loss.update(self(self.to_base_dtype(batch)).loss)
         self.log(f"{prefix}/loss", self.val_loss, batch_size=size)
         predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
         cers = self.val_cer.update(predictions, batch["texts"])
@@ -221,14 +224,16 @@ class DeepSeekOCRModule(L.LightningModule):
         set_inference(self.model, self.backend, True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per image: path, transcription, and the reference when the data has one."""
-        if not batch["texts"]:
-            return []
-        predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
-        return [
-            {"path": path, "text": text, "reference": reference or None}
-            for path, text, reference in zip(batch["paths"], predictions, batch["texts"])
-        ]
+        """One record per image, in input order: path, transcription and the reference when the data has one; or
+        path and the `error` that made the image unusable (policy `skip`)."""
+        records = [{"index": index, "path": path, "error": why} for _, index, path, why in batch.get("skipped", [])]
+        if batch["texts"]:
+            predictions = generate_texts(self.model, self.tokenizer, self.to_base_dtype(batch), self.generation)
+            records += [
+                {"index": index, "path": path, "text": text, "reference": reference or None}
+                for index, path, text, reference in zip(batch["indices"], batch["paths"], predictions, batch["texts"])
+            ]
+        return sorted(records, key=lambda record: record["index"])
 
     # ---- checkpoints and the adapter -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -241,6 +246,8 @@ class DeepSeekOCRModule(L.LightningModule):
         }
 
     def on_fit_end(self) -> None:
+        """The adapter of the last step (`lora_model`) and, when validation ran, of the best checkpoint
+        (`lora_model_best`), in the run's log folder and beside `adapter_dir`."""
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if not self.trainer.is_global_zero:
             return
@@ -249,25 +256,47 @@ class DeepSeekOCRModule(L.LightningModule):
             targets.append(Path(self.hparams.adapter_dir))
         for target in targets:
             save_adapter(self.model, self.tokenizer, target)
-            rank_zero_info(f"LoRA adapter + tokenizer saved to {target}")
+            rank_zero_info(f"LoRA adapter + tokenizer of the last step ({self.global_step}) saved to {target}")
+        self.saved_adapters["last"] = targets
+        best = best_checkpoint(self.trainer)
+        if best is not None:
+            self.save_best_adapters(*best, targets)
+
+    def save_best_adapters(self, path: str, monitor: str, score: float, lasts: list[Path]) -> None:
+        """`<last>_best` for each last-step folder, from the best checkpoint's LoRA weights."""
+        targets = [last.with_name(f"{last.name}_best") for last in lasts]
+        with trainable_weights_from(self, path) as step:
+            for target in targets:
+                save_adapter(self.model, self.tokenizer, target)
+        self.saved_adapters["best"] = targets
+        where = ", ".join(str(t) for t in targets)
+        rank_zero_info(f"best LoRA adapter ({monitor} {score:.4f} at step {step}, {Path(path).name}) saved to {where}")
+
+
+@contextmanager
+def trainable_weights_from(module: L.LightningModule, checkpoint: str) -> Iterator[int]:
+    """The module's trainable (LoRA) weights replaced by a checkpoint's for the duration; yields its step."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    params = dict(module.named_parameters())
+    unknown = [key for key in saved["state_dict"] if key not in params]
+    if unknown:
+        raise ValueError(f"{checkpoint} has weights this model lacks: {unknown[:3]}")
+    kept = {key: params[key].detach().clone() for key in saved["state_dict"]}
+    with torch.no_grad():
+        for key, value in saved["state_dict"].items():
+            params[key].copy_(value)
+        try:
+            yield saved["global_step"]
+        finally:
+            for key, value in kept.items():
+                params[key].copy_(value)
 
 
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
     """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with replaced_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}-old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:

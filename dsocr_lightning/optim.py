@@ -28,13 +28,9 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """0 -> 1 over `warmup_steps`, then 1 -> 0 at `total_steps` (the HF "linear" schedule)."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Scheduler stepped once per optimizer step; step 0 (the first update) runs at lr 0, as in HF Trainer."""
-    return LambdaLR(optimizer, lambda step: linear_factor(step, warmup_steps, total_steps))
+    """0 -> lr over `warmup_steps`, then lr -> 0 at `total_steps`, stepped once per optimizer step; step 0 (the first
+    update) runs at lr 0. It is HF Trainer's own "linear" schedule, the reference's, hence transformers' function."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)

@@ -1,9 +1,12 @@
-"""Prediction inputs (files, folders, globs) and the JSONL writer: one line per image, as the model wrote it."""
+"""Prediction inputs (files, folders, globs) and the JSONL writer: one line per image, as the model wrote it, or
+the reason it could not be read."""
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ from torch.utils.data import Dataset
 
 from .metrics import sample_cer
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -46,34 +50,56 @@ class ImageFiles(Dataset):
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes `{"path", "text"[, "reference", "cer"]}` per image to `output` (`.rankN` added under DDP)."""
+    """Writes `{"path", "text"[, "reference", "cer"]}` per image, or `{"path", "error"}` for an image that could not
+    be used, to `output` (`.rankN` added under DDP). The file appears whole when prediction ends; a failed run
+    leaves none."""
 
     def __init__(self, output: str = "lightning_logs/predictions.jsonl") -> None:
         """
         Args:
-            output: the JSONL file to write (one line per image; flushed after every batch).
+            output: the JSONL file to write (one line per image, in input order).
         """
         super().__init__(write_interval="batch")
-        self.output, self.file = output, None
+        self.output, self.file, self.lines, self.errors = output, None, 0, 0
 
     def path_for(self, trainer: Any) -> Path:
         path = Path(self.output)
         return path.with_suffix(f".rank{trainer.global_rank}.jsonl") if trainer.world_size > 1 else path
 
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+    def partial_path(self, trainer: Any) -> Path:
         path = self.path_for(trainer)
+        return path.with_name(f".{path.name}.partial")
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        path = self.partial_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w", encoding="utf-8")
+        self.file, self.lines, self.errors = path.open("w", encoding="utf-8"), 0, 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for record in prediction or []:
-            line = {"path": record["path"], "text": record["text"]}
-            if record.get("reference"):
-                line |= {"reference": record["reference"], "cer": sample_cer(record["text"], record["reference"])}
-            self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.file.flush()
+            self.file.write(json.dumps(jsonl_line(record), ensure_ascii=False) + "\n")
+            self.lines, self.errors = self.lines + 1, self.errors + ("error" in record)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self.file.close()
+        self.file = None
+        target = self.path_for(trainer)
+        os.replace(self.partial_path(trainer), target)
+        errors = f', {self.errors} of them unusable images (lines with an "error" field)' if self.errors else ""
+        log.info("predictions: %d lines written to %s%s", self.lines, target, errors)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+            self.partial_path(trainer).unlink(missing_ok=True)
+
+
+def jsonl_line(record: dict[str, Any]) -> dict[str, Any]:
+    """The line of one prediction record: its error, or its text (with reference and CER when there is one)."""
+    if "error" in record:
+        return {"path": record["path"], "error": record["error"]}
+    line = {"path": record["path"], "text": record["text"]}
+    if record.get("reference"):
+        line |= {"reference": record["reference"], "cer": sample_cer(record["text"], record["reference"])}
+    return line

@@ -51,7 +51,13 @@ class ShardedEpochSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader whose position Lightning checkpoints: (epoch, batches processed this epoch)."""
+    """A DataLoader whose position Lightning checkpoints: (epoch, batches processed this epoch).
+
+    Not torchdata's `StatefulDataLoader`: its state counts the batches its iterator has handed out, and Lightning
+    (which saves a loader's state as it is) has always fetched one batch more than the loop processed, to see the
+    epoch's end coming, so a resumed run would skip that batch; torchdata would also be one more dependency. This
+    one reads the fit loop's own count of processed batches.
+    """
 
     def __init__(self, *args: Any, progress: Callable[[], int] = lambda: 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,5 +67,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches": int(self.progress())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip what the epoch had processed; a checkpoint of an epoch's last batch resumes at the next epoch's
+        first batch (Lightning moves on to that epoch itself; skipping a whole epoch there would empty it)."""
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip = state["batches"] * (self.batch_size or 1)
+        finished = state["batches"] >= len(self)
+        self.sampler.skip = 0 if finished else state["batches"] * (self.batch_size or 1)

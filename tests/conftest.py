@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny TEST STAND-IN checkpoint and rendered Persian lines, made once per session."""
+"""Shared fixtures: the tiny TEST STAND-IN checkpoint and rendered Persian lines, made once per session; every test
+runs in its own empty working folder (what a run writes by default, lightning_logs/, never lands in the project)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ def lines_dir(tmp_path_factory):
     from dsocr_lightning.render import write_imagefolder
 
     return write_imagefolder(tmp_path_factory.mktemp("lines") / "data", {"train": 16, "test": 4}, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def in_empty_folder(tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

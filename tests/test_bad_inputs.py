@@ -156,3 +156,28 @@ def test_bad_samples_callback_counts_and_fails_past_the_fraction():
     monitor.on_train_batch_start(None, module, {"texts": ["a"] * 4, "skipped": []}, 1)
     with pytest.raises(RuntimeError, match="3 of 12 samples were bad"):
         monitor.on_train_batch_start(None, module, {"texts": ["a", "b"], "skipped": [("train", 9, "", "e")] * 2}, 2)
+
+
+def test_scan_lists_every_bad_sample_before_the_model_loads(manifest, standin_dir, monkeypatch):
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from dsocr_lightning.checks import ConfigError
+    from dsocr_lightning.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the scan")
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
+    args = [
+        "fit", "--config", str(Path(__file__).parents[1] / "configs/demo.yaml"),
+        "--model.model_name_or_path", str(standin_dir), "--model.make_standin", "false",
+        "--data.source", str(manifest), "--data.source_type", "jsonl", "--data.train_split", "train",
+        "--data.val_split", "null", "--data.image_column", "image", "--data.max_length", "200",
+        "--data.num_workers", "0", "--data.scan", "true",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"7 of 8 samples of split 'train' are unusable:\n  index 1 ") as stop:
+        main(args)
+    listed = [line.split()[1] for line in str(stop.value).splitlines() if line.startswith("  index ")]
+    assert listed == ["1", "2", "3", "4", "5", "6", "7"] and "data.bad_sample_policy skip" in str(stop.value)

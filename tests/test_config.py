@@ -7,7 +7,8 @@ import yaml
 
 from dsocr_lightning.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def printed_config(capsys, *args: str) -> dict:
@@ -22,6 +23,25 @@ def test_shipped_config_parses(capsys, path):
     config = printed_config(capsys, "--config", str(path))
     assert config["model"]["trust_remote_code"] is True
     assert config["data"]["instruction"].count("<image>") == 1
+    # resumable as shipped: last.ckpt on its own cadence, the monitored checkpoint keeps the best only
+    assert config["last_checkpoint"]["every_n_train_steps"] == 10
+    assert config["checkpoint"]["monitor"] == "val/cer" and config["checkpoint"]["save_last"] is False
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_print_config_of_each_subcommand_loads_nothing(capsys, subcommand):
+    with pytest.raises(SystemExit):
+        main([subcommand, "--config", str(CONFIG_DIR / "t4.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["model_name_or_path"] == "unsloth/DeepSeek-OCR"
+
+
+def test_the_mode_names_are_the_modes():
+    from typing import get_args
+
+    from dsocr_lightning.data import ModeName
+    from dsocr_lightning.images import MODES
+
+    assert set(get_args(ModeName)) == set(MODES)
 
 
 def test_configs_present():
@@ -29,7 +49,7 @@ def test_configs_present():
 
 
 def test_t4_is_the_reference_recipe(capsys):
-    config = printed_config(capsys, "--config", "configs/t4.yaml")
+    config = printed_config(capsys, "--config", str(CONFIG_DIR / "t4.yaml"))
     trainer, model, data = config["trainer"], config["model"], config["data"]
     assert (trainer["precision"], trainer["max_steps"], trainer["accumulate_grad_batches"]) == ("16-mixed", 60, 4)
     assert trainer["log_every_n_steps"] == 1 and config["seed_everything"] == 3407
@@ -47,7 +67,7 @@ def test_t4_is_the_reference_recipe(capsys):
 def test_command_line_overrides_the_file(capsys):
     config = printed_config(
         capsys,
-        "--config", "configs/t4.yaml",
+        "--config", str(CONFIG_DIR / "t4.yaml"),
         "--trainer.precision", "bf16-mixed",
         "--trainer.accumulate_grad_batches", "8",
     )  # fmt: skip

@@ -1,12 +1,15 @@
 """Data-parallel fit on CPU (2 processes, gloo) on the tiny stand-in: the same adapter as one process with the
-same global batch, the same validation CER, and only rank 0 writing logs, checkpoints and the adapter."""
+same global batch, the validation CER of every line counted once (predictions with known CERs, see
+fake_generation.py), and only rank 0 writing logs, checkpoints and the adapter."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fake_generation import dropped_chars, expected_cers
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -28,8 +31,9 @@ def fit(standin_dir, lines_dir, save_dir, devices: int) -> None:
     if devices > 1:
         args += ["--trainer.strategy", "ddp_find_unused_parameters_true"]  # idle MoE experts get no gradient
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "dsocr_lightning", *args], check=False, env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    save_dir.mkdir(parents=True)
+    done = subprocess.run([sys.executable, str(ROOT / "tests/fake_generation.py"), *args], check=False, env=env,
+                          cwd=save_dir, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -51,6 +55,9 @@ def test_two_processes_match_one(standin_dir, lines_dir, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 0  # trained, not the zero init
-    for tag in ("val/cer", "val/cer_mean", "val/loss"):
-        assert scalar(one, tag) == pytest.approx(scalar(two, tag), abs=1e-5), tag
+    references = [json.loads(line)["text"] for line in (lines_dir / "test/metadata.jsonl").read_text().splitlines()]
+    corpus, mean = expected_cers(references, dropped_chars(a.items()))
+    for run in (one, two):
+        assert (scalar(run, "val/cer"), scalar(run, "val/cer_mean")) == pytest.approx((corpus, mean), abs=1e-6)
+    assert scalar(one, "val/loss") == pytest.approx(scalar(two, "val/loss"), abs=1e-5)
     assert len(list((two / "checkpoints").glob("*.ckpt"))) == len(list((one / "checkpoints").glob("*.ckpt")))

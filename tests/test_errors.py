@@ -1,41 +1,125 @@
-"""Clear errors, each naming the remedy, and the safe-loading rules."""
+"""Clear errors through the CLI, each naming its fix, raised before any tokenizer or weights load; `python -m`
+prints them in a few lines. Also the safe-loading rules."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from dsocr_lightning.checks import check_model_source, check_precision
-from dsocr_lightning.data import OCRDataModule
-from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model, resolve_backend
+from dsocr_lightning.checks import ConfigError, check_precision
+from dsocr_lightning.cli import main
+from dsocr_lightning.loading import resolve_backend
 from dsocr_lightning.module import DeepSeekOCRModule
 
-
-def test_model_folder_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        check_model_source(str(tmp_path / "deepseek_ocr"))
+ROOT = Path(__file__).parents[1]
 
 
-def test_model_folder_of_another_model(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="not a DeepSeek-OCR checkpoint"):
-        check_model_source(str(tmp_path))
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(ValueError, match="no config.json"):
-        check_model_source(str(tmp_path))
+def fit_args(standin_dir, lines_dir, *extra: str, subcommand: str = "fit") -> list[str]:
+    return [
+        subcommand, "--config", str(ROOT / "configs/demo.yaml"),
+        "--model.model_name_or_path", str(standin_dir), "--model.make_standin", "false",
+        "--data.source", str(lines_dir), "--data.source_type", "imagefolder", "--data.num_workers", "0",
+        "--trainer.enable_progress_bar", "false", *extra,
+    ]  # fmt: skip
 
 
-def test_weights_only_from_safetensors(standin_dir, tmp_path):
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Any tokenizer or model load fails the test: the error under test must come first."""
+    from transformers import AutoModel, AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tokenizer or model was loaded before the error")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
+
+
+def other_model(tmp_path) -> str:
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
+    return str(tmp_path / "bert")
+
+
+def bin_weights(tmp_path, standin_dir) -> str:
     copy = shutil.copytree(standin_dir, tmp_path / "ckpt")
     (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="no .safetensors weights"):
-        check_model_source(str(copy))
+    return str(copy)
 
 
-def test_remote_code_needs_explicit_trust(standin_dir):
-    with pytest.raises(ValueError, match="trust_remote_code: true"):
-        load_model(LoadSettings(str(standin_dir), "transformers", trust_remote_code=False), LoraSettings())
+CASES = {  # name: (flags, made from (tmp_path, standin_dir) or None, what the message must say)
+    "model folder as the README spells it": (["--model.model_name_or_path", "deepseek_ocr"],
+                                            r"model folder 'deepseek_ocr' not found .*\n.*snapshot_download"),
+    "model folder with ./": (["--model.model_name_or_path", "./deepseek_ocr"], "model folder './deepseek_ocr' not found"),
+    "empty model folder": (["--model.model_name_or_path", "{tmp}"], "has no config.json"),
+    "folder of another model": (["--model.model_name_or_path", "{other}"], "not a DeepSeek-OCR checkpoint"),
+    "weights not in safetensors": (["--model.model_name_or_path", "{bin}"], "no .safetensors weights"),
+    "hub model offline, not cached": (["--model.model_name_or_path", "nobody/nothing"], "not in the local Hugging Face"),
+    "remote code not trusted": (["--model.trust_remote_code", "false"], "set trust_remote_code: true"),
+    "adapter missing": (["--model.adapter_path", "lora_model"], "adapter 'lora_model' not found"),
+    "data folder missing": (["--data.source", "./no_such_folder", "--data.source_type", "auto"],
+                            "data source './no_such_folder' not found"),
+    "split string": (["--data.train_split", "train[1000]"], "not of the form name or name"),
+    "instruction without image": (["--data.instruction", "Free OCR."], "exactly one '<image>'"),
+    "checkpoint file missing": (["--ckpt_path", "nothing.ckpt"], "no such checkpoint file"),
+    "resume cadence on the best checkpoint": (["--checkpoint.every_n_train_steps", "2"],
+                                              "use --last_checkpoint.every_n_train_steps"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_errors_come_before_anything_loads(case, standin_dir, lines_dir, tmp_path, nothing_loads):
+    flags, message = CASES[case]
+    made = {"{tmp}": lambda: str(tmp_path), "{other}": lambda: other_model(tmp_path),
+            "{bin}": lambda: bin_weights(tmp_path, standin_dir)}  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        main(fit_args(standin_dir, lines_dir, *[made[f]() if f in made else f for f in flags]))
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "flags", "message"),
+    [
+        ("validate", ["--data.val_split", "null"], "set data.val_split to run `validate`"),
+        ("test", [], "set data.test_split to run `test`"),
+        ("predict", [], "set data.predict_inputs"),
+        ("predict", ["--data.predict_inputs", "[scans/]"], "no image found for 'scans/'"),
+    ],
+)
+def test_each_subcommand_has_what_it_needs(subcommand, flags, message, standin_dir, lines_dir, nothing_loads):
+    with pytest.raises(ConfigError, match=message):
+        main(fit_args(standin_dir, lines_dir, *flags, subcommand=subcommand))
+
+
+@pytest.mark.parametrize(
+    ("flags", "first_line", "fix"),
+    [
+        (["--model.model_name_or_path", "deepseek_ocr", "--model.make_standin", "false"],
+         "error: model folder 'deepseek_ocr' not found", "snapshot_download"),
+        (["--data.mode", "huge"], "tip: ", "Literal['tiny', 'small', 'base', 'large', 'gundam']. Got value: huge"),
+    ],
+    ids=["missing model folder", "unknown mode"],
+)  # fmt: skip
+def test_python_m_says_what_to_fix_in_a_few_lines(flags, first_line, fix, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), *flags]
+    done = subprocess.run([sys.executable, "-m", "dsocr_lightning", *args], cwd=tmp_path, env=env, check=False,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    output = [line for line in (done.stdout + done.stderr).splitlines() if line != "Seed set to 3407"]
+    assert done.returncode != 0 and len(output) <= 5 and output[0].startswith(first_line), output
+    assert fix in "\n".join(output) and "Traceback" not in done.stderr
+
+
+def test_data_errors_found_on_reading_still_come_before_the_tokenizer(standin_dir, lines_dir, nothing_loads):
+    with pytest.raises(ConfigError, match=r"could not load split 'validation' of .*(Unknown split|validation)"):
+        main(fit_args(standin_dir, lines_dir, "--data.train_split", "validation"))
+    with pytest.raises(ConfigError, match=r"could not load split 'train\[:1000\]' of 'nobody-here/no-such-dataset'"):
+        main(fit_args(standin_dir, lines_dir, "--data.source", "nobody-here/no-such-dataset",
+                      "--data.source_type", "auto", "--data.train_split", "train[:1000]"))  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -52,19 +136,6 @@ def test_bf16_on_a_gpu_without_it(monkeypatch):
     with pytest.raises(ValueError, match="Tesla T4 has no bf16: use --trainer.precision 16-mixed"):
         check_precision("bf16-mixed")
     check_precision("16-mixed")
-
-
-def test_dataset_id_not_found_offline(standin_dir):
-    data = OCRDataModule("nobody-here/no-such-dataset", "hub", tokenizer_name_or_path=str(standin_dir))
-    with pytest.raises(Exception, match=r"could not load split 'train\[:1000\]' of 'nobody-here/no-such-dataset'"):
-        data.setup("fit")
-
-
-def test_split_not_found(lines_dir, standin_dir):
-    data = OCRDataModule(str(lines_dir), "imagefolder", "validation", None, image_column="image",
-                         tokenizer_name_or_path=str(standin_dir))  # fmt: skip
-    with pytest.raises(ValueError, match=r"could not load split 'validation'.*(Unknown split|validation)"):
-        data.setup("fit")
 
 
 def test_out_of_memory_names_the_remedies():

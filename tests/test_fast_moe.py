@@ -220,3 +220,14 @@ def test_grouped_experts_run_only_where_torch_has_a_native_kernel(monkeypatch, r
     assert ("per-expert loop" in lines[0]) == (kind == "slow")
     # backend auto: the grouped path where it runs natively, else Unsloth (the T4's fastest measured path)
     assert resolve_backend("auto", 1, FastPaths(), dtype) == ("transformers" if kind == "native" else "unsloth")
+
+
+def test_checkpoint_weights_split_back_into_peft_names(real_routing_dir):
+    (reference, _), (fast, _) = lora_model(real_routing_dir, False), lora_model(real_routing_dir, True)
+    from dsocr_lightning.fast.moe import per_expert_state_dict
+
+    trainable = {k: v.detach() for k, v in fast.named_parameters() if v.requires_grad}
+    split = per_expert_state_dict(trainable)
+    expected = {k: v.detach() for k, v in reference.named_parameters() if v.requires_grad}
+    assert set(split) == set(expected)
+    assert all(torch.equal(split[k], expected[k]) for k in expected)

@@ -1,14 +1,20 @@
-"""`predict` writes one JSON line per image: from files, folders and globs, or from a split with its CER."""
+"""`predict` writes one JSON line per image: from files, folders and globs, or from a split with its CER; an
+unusable image gets a line with an `error` (policy `skip`) or stops the run leaving no file (policy `error`)."""
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
+from fake_generation import dropped_chars, install
 
 from dsocr_lightning.cli import main
+from dsocr_lightning.collate import BadSampleError
 from dsocr_lightning.predict import expand_inputs
 from dsocr_lightning.render import render_line
 
 LINE = "می\u200cخواهم ۱۲"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_expand_inputs(tmp_path):
@@ -24,21 +30,55 @@ def test_expand_inputs(tmp_path):
 
 
 def predict(standin_dir, lines_dir, out, *extra):
-    main([
-        "predict", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(standin_dir),
+    cli = main([
+        "predict", "--config", str(CONFIGS / "demo.yaml"), "--model.model_name_or_path", str(standin_dir),
         "--model.make_standin", "false", "--model.generation.max_new_tokens", "5",
         "--data.source", str(lines_dir), "--data.source_type", "imagefolder", "--data.num_workers", "0",
-        "--prediction_writer.output", str(out), "--trainer.enable_progress_bar", "false", *extra,
+        "--data.eval_batch_size", "2", "--prediction_writer.output", str(out), "--trainer.enable_progress_bar", "false",
+        *extra,
     ])  # fmt: skip
-    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    return cli, [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def test_predict_folder_and_split(standin_dir, lines_dir, tmp_path):
-    rows = predict(standin_dir, lines_dir, tmp_path / "p.jsonl", "--data.predict_inputs", f"[{lines_dir / 'test'}]")
+def test_predict_folder_and_split(standin_dir, lines_dir, tmp_path, monkeypatch):
+    _, rows = predict(standin_dir, lines_dir, tmp_path / "p.jsonl", "--data.predict_inputs", f"[{lines_dir / 'test'}]")
     assert [r["path"] for r in rows] == [str(p) for p in sorted((lines_dir / "test").glob("*.png"))]
     assert all(set(r) == {"path", "text"} and isinstance(r["text"], str) for r in rows)
 
-    rows = predict(standin_dir, lines_dir, tmp_path / "s.jsonl", "--data.predict_split", "test")
+    install(monkeypatch)  # predictions with known CERs: each reference without its first k characters
+    cli, rows = predict(standin_dir, lines_dir, tmp_path / "s.jsonl", "--data.predict_split", "test")
     metadata = [json.loads(x) for x in (lines_dir / "test/metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["reference"] for r in rows] == [m["text"] for m in metadata]
-    assert all(r["cer"] >= 0 for r in rows)
+    k = dropped_chars(cli.model.named_parameters())
+    assert [r["cer"] for r in rows] == pytest.approx([k / len(m["text"]) for m in metadata])
+
+
+@pytest.fixture
+def inputs_with_a_broken_image(lines_dir, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, image in enumerate(sorted((lines_dir / "test").glob("*.png"))):
+        (folder / f"{i}.png").write_bytes(image.read_bytes())
+    (folder / "2.png").write_bytes(b"\x89PNG cut short")  # in the second batch of two: the first is written by then
+    return folder
+
+
+def test_skipped_images_get_an_error_line_and_a_log_line(standin_dir, lines_dir, inputs_with_a_broken_image,
+                                                         tmp_path, caplog):  # fmt: skip
+    out = tmp_path / "p.jsonl"
+    with caplog.at_level(logging.INFO):
+        _, rows = predict(standin_dir, lines_dir, out, "--data.predict_inputs", f"[{inputs_with_a_broken_image}]",
+                          "--data.bad_sample_policy", "skip")  # fmt: skip
+    assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png"]  # input order, all of them
+    assert "unreadable image" in rows[2]["error"] and "text" not in rows[2]
+    assert all("text" in r and "error" not in r for i, r in enumerate(rows) if i != 2)
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped bad sample 1: split 'predict' index 2" in messages
+    assert f"predictions: 4 lines written to {out}, 1 of them unusable images" in messages
+
+
+def test_error_policy_stops_and_leaves_no_partial_file(standin_dir, lines_dir, inputs_with_a_broken_image, tmp_path):
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(BadSampleError, match=r"index 2 \(.*2.png\): unreadable image"):
+        predict(standin_dir, lines_dir, out, "--data.predict_inputs", f"[{inputs_with_a_broken_image}]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "scans"]  # neither p.jsonl nor a partial one

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -93,12 +91,12 @@ def test_checkpoint_loads_with_expected_module_names(ckpt, model):
     assert {"model.image_newline", "model.view_separator"} <= {n for n, _ in model.named_parameters()}
 
 
-def test_checkpoint_is_fast_and_deterministic(tmp_path):
-    start = time.perf_counter()
+def test_checkpoint_is_deterministic(tmp_path):
     a = write_standin_checkpoint(tmp_path / "a", seed=3)
-    assert time.perf_counter() - start < 3.0
     b = write_standin_checkpoint(tmp_path / "b", seed=3)
+    c = write_standin_checkpoint(tmp_path / "c", seed=4)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
 def test_forward_loss_logits_and_wrong_count(model):

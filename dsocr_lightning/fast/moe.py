@@ -17,6 +17,7 @@ The reference it must equal is the original loop, `type(layer).moe(layer, ...)`:
 from __future__ import annotations
 
 import logging
+import re
 import types
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from .grouped_mm import LoraStack, combine, grouped_linear, route
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+STACKED_NAME = re.compile(r"^(?P<layer>.*)\.stacked_(?P<proj>gate_proj|up_proj|down_proj)_(?P<side>[AB])$")
 
 
 @dataclass
@@ -154,3 +156,19 @@ def patch_grouped_experts(model: nn.Module) -> int:
         layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
         layer.moe = types.MethodType(grouped_moe, layer)
     return len(layers)
+
+
+def per_expert_state_dict(state: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Weights as a checkpoint of a grouped model holds them, with each stacked [E, ...] LoRA tensor split back into
+    PEFT's per-expert names (`<layer>.experts.<e>.<proj>.lora_<A|B>.<adapter>.weight`): what a plain peft model
+    loads."""
+    out = {}
+    for key, value in state.items():
+        match = STACKED_NAME.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        layer, proj, side = match["layer"], match["proj"], match["side"]
+        for expert, weight in enumerate(value.unbind(0)):
+            out[f"{layer}.experts.{expert}.{proj}.lora_{side}.{adapter}.weight"] = weight.clone()
+    return out
