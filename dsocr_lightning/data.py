@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator
 from .images import MODES, Mode
-from .loading import load_tokenizer
 from .sampling import ResumableLoader, ShardedEpochSampler
+from .versions import load_text_side, make_collator
 
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
 SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
@@ -129,6 +129,7 @@ class OCRDataModule(L.LightningDataModule):
             text_column: column holding the transcription.
             instruction: user prompt; must contain one `<image>`.
             mode: resolution mode: tiny (512), small (640), base (1024), large (1280), gundam (1024 + 640 crops).
+                v2: the checkpoint's processor sets the sizes (1024 + 768 crops); only `crop_mode` applies.
             base_size: override the mode's global-view side.
             image_size: override the mode's crop-tile side.
             crop_mode: override whether large images are cut into tiles.
@@ -175,7 +176,7 @@ class OCRDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
+            self.tokenizer = load_text_side(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
         wanted = {
             "fit": [hp.train_split, hp.val_split], "validate": [hp.val_split], "test": [hp.test_split],
             "predict": [hp.predict_split],
@@ -226,9 +227,10 @@ class OCRDataModule(L.LightningDataModule):
 
     def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
         hp = self.hparams
-        return OCRCollator(
-            self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts,
-            hp.bad_sample_policy, split, inference,
+        return make_collator(
+            self.tokenizer, mode=self.mode, instruction=hp.instruction, train_on_responses_only=hp.train_on_responses_only,
+            max_length=hp.max_length, with_prompts=with_prompts, policy=hp.bad_sample_policy, split=split,
+            inference=inference,
         )  # fmt: skip
 
     def rank_and_world(self) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .versions import adapter_version, require_environment
+
 # Above this rounding error of the adapter's update the merged model drifts from the adapter's output. Measured on
 # the real architecture (random weights, benchmarks/README.md): 17 % (bf16, a 60-step adapter) left the loss within
 # bf16 noise; 59 % (bf16, an 8-step adapter) lost 0.19 of the 1.46 nats the adapter had gained (11 % in fp16: 0.0005).
@@ -44,9 +46,16 @@ def export(
         out_dir: where the merged checkpoint goes (replaced whole, never half-written).
         base_model: hub id or folder of the base; default: the adapter's `base_model_name_or_path`.
         dtype: dtype of the saved weights.
-        trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR cannot load without it).
+        trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR v1 cannot load without it; v2 needs
+            none).
         revision: hub revision of the base.
     """
+    version = adapter_version(adapter_dir, revision)
+    require_environment(version, f"adapter {adapter_dir!r}")
+    if version == "v2":  # transformers' own DeepSeek-OCR 2: no remote code
+        from .v2.export import export as export_v2
+
+        return export_v2(adapter_dir, out_dir, base_model, dtype, revision)
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
