@@ -55,8 +55,8 @@ def build_model(folder: Path, tiny: bool) -> None:
 
 
 def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, experts: str) -> list[str]:
-    device = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.dtype", "float32"] if args.tiny \
-        else ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"]  # fmt: skip
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.dtype", "float32"]
+    device = cpu if args.tiny else ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"]
     return [
         sys.executable, "-m", "dsocr_lightning", "fit", "--config", str(ROOT / "configs" / "t4_v2.yaml"), *device,
         "--model.model_name_or_path", str(model), "--model.adapter_dir", "null",

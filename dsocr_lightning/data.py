@@ -228,9 +228,9 @@ class OCRDataModule(L.LightningDataModule):
     def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
         hp = self.hparams
         return make_collator(
-            self.tokenizer, mode=self.mode, instruction=hp.instruction, train_on_responses_only=hp.train_on_responses_only,
-            max_length=hp.max_length, with_prompts=with_prompts, policy=hp.bad_sample_policy, split=split,
-            inference=inference,
+            self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
+            train_on_responses_only=hp.train_on_responses_only, with_prompts=with_prompts, policy=hp.bad_sample_policy,
+            split=split, inference=inference,
         )  # fmt: skip
 
     def rank_and_world(self) -> tuple[int, int]:

@@ -15,7 +15,8 @@ FULL_TEXT = {
     "vocab_size": 129280, "hidden_size": 1280, "intermediate_size": 6848, "moe_intermediate_size": 896,
     "num_hidden_layers": 12, "num_attention_heads": 10, "num_key_value_heads": 10, "n_routed_experts": 64,
     "n_shared_experts": 2, "num_experts_per_tok": 6, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-    "max_position_embeddings": 8192, "bos_token_id": 0, "eos_token_id": 1, "mlp_layer_types": ["dense"] + ["sparse"] * 11,
+    "max_position_embeddings": 8192, "bos_token_id": 0, "eos_token_id": 1,
+    "mlp_layer_types": ["dense"] + ["sparse"] * 11,
 }  # fmt: skip
 FULL_VISION = {
     "sam_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -50,8 +51,8 @@ def tiny_config(vocab_size: int, image_token_id: int, initializer_range: float =
     vision = {
         "sam_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "global_attn_indexes": [],
                        "output_channels": 16, "downsample_channels": [16, 32], "mlp_dim": 32},
-        "encoder_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                           "intermediate_size": 64, "vocab_size": 1,
+        "encoder_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 1,
                            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
     }  # fmt: skip
     config = DeepseekOcr2Config(text_config=text, vision_config=vision, image_token_id=image_token_id)
