@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-KNOWN_MODEL_TYPES = {"deepseek_vl_v2", "DeepseekOCR", "dsocr_standin"}
 DOWNLOAD_HINT = (
     "python -c 'from huggingface_hub import snapshot_download; "
     'snapshot_download("unsloth/DeepSeek-OCR", local_dir="{folder}")\''
@@ -52,13 +51,17 @@ def check_model_source(name: str, revision: str | None = None) -> None:
 
 
 def check_model_files(name: str, folder: Path) -> None:
+    from .versions import version_of_config
+
     config = json.loads((folder / "config.json").read_text())
+    try:
+        version = version_of_config(config, repr(name))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     module = config.get("auto_map", {}).get("AutoModel", "").split(".")[0]
-    if config.get("model_type") not in KNOWN_MODEL_TYPES or not (folder / f"{module}.py").exists():
-        raise ConfigError(
-            f"{name!r} is not a DeepSeek-OCR checkpoint (model_type {config.get('model_type')!r}, "
-            f"remote code {module or 'missing'}): expected unsloth/DeepSeek-OCR or deepseek-ai/DeepSeek-OCR files"
-        )
+    if version == "v1" and not (folder / f"{module}.py").exists():  # v2 is transformers' own code
+        raise ConfigError(f"{name!r} lacks its model code ({module or 'no auto_map'}.py): expected the "
+                          "unsloth/DeepSeek-OCR or deepseek-ai/DeepSeek-OCR files")  # fmt: skip
     if not any(folder.glob("*.safetensors")):
         raise ConfigError(f"{name!r} has no .safetensors weights; weights are only loaded from safetensors")
     if not (folder / "tokenizer_config.json").exists():

@@ -109,14 +109,28 @@ def resolve_last(config: Any) -> None:
     rank_zero_info(f"resuming from {found[-1]}")
 
 
+def model_version(model: Any) -> str:
+    """v1 or v2 from the checkpoint (checked against this environment and the adapter), or, for a stand-in the run
+    will write, this environment's."""
+    from .versions import checkpoint_version, environment_version
+
+    name = model["model_name_or_path"]
+    if model["make_standin"] and not Path(name).exists():
+        return environment_version() or "v1"
+    check_model_source(name, model["revision"])
+    try:
+        return checkpoint_version(name, model["revision"], model["adapter_path"])
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
 def preflight(subcommand: str, config: Any) -> None:
     """Config and path errors before any tokenizer, data or weights load, each naming its fix."""
     model = config["model"]
-    check_trust(model["trust_remote_code"], model["model_name_or_path"])
-    if not (model["make_standin"] and not Path(model["model_name_or_path"]).exists()):
-        check_model_source(model["model_name_or_path"], model["revision"])
-    if model["adapter_path"]:
-        check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
+    if model_version(model) == "v1":  # v2 runs transformers' own code and checks its adapters itself
+        check_trust(model["trust_remote_code"], model["model_name_or_path"])
+        if model["adapter_path"]:
+            check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"))
     check_precision(config["trainer"]["precision"])

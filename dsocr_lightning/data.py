@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from .checks import ConfigError, check_model_source
 from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_instruction
 from .images import MODES, Mode
-from .loading import load_tokenizer
 from .sampling import ResumableLoader, ShardedEpochSampler
+from .versions import load_text_side, make_collator
 
 log = logging.getLogger(__name__)
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
@@ -200,6 +200,7 @@ class OCRDataModule(L.LightningDataModule):
             text_column: column holding the transcription.
             instruction: user prompt; must contain one `<image>`.
             mode: resolution mode: tiny (512), small (640), base (1024), large (1280), gundam (1024 + 640 crops).
+                v2: the checkpoint's processor sets the sizes (1024 + 768 crops); only `crop_mode` applies.
             base_size: override the mode's global-view side.
             image_size: override the mode's crop-tile side.
             crop_mode: override whether large images are cut into tiles.
@@ -264,7 +265,7 @@ class OCRDataModule(L.LightningDataModule):
         hp = self.hparams
         check_model_source(hp.tokenizer_name_or_path, hp.revision)
         try:
-            return load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
+            return load_text_side(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
         except (OSError, ValueError) as error:
             raise ConfigError(f"could not load the tokenizer of {hp.tokenizer_name_or_path!r}: {error}") from error
 
@@ -322,9 +323,10 @@ class OCRDataModule(L.LightningDataModule):
 
     def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
         hp = self.hparams
-        return OCRCollator(
-            self.tokenizer, self.mode, hp.instruction, hp.train_on_responses_only, hp.max_length, with_prompts,
-            hp.bad_sample_policy, split, inference,
+        return make_collator(
+            self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
+            train_on_responses_only=hp.train_on_responses_only, with_prompts=with_prompts, policy=hp.bad_sample_policy,
+            split=split, inference=inference,
         )  # fmt: skip
 
     def rank_and_world(self) -> tuple[int, int]:

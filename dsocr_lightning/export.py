@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .checks import ConfigError, looks_like_path
 from .folders import replaced_folder
+from .versions import adapter_version, checkpoint_version, require_environment
 
 # Above this rounding error of the adapter's update the merged model drifts from the adapter's output. Measured on
 # the real architecture (random weights, benchmarks/README.md): 17 % (bf16, a 60-step adapter) left the loss within
@@ -34,6 +35,16 @@ def base_folder(base_model: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(base_model, allow_patterns=["*.py", "*.json"], revision=revision))
+
+
+def export_version(adapter: str, base_model: str | None, revision: str | None) -> str:
+    """v1 or v2 for an adapter folder or a fit checkpoint, checked against this environment before any weights."""
+    if Path(adapter).suffix == ".ckpt" and Path(adapter).is_file():
+        hparams = torch.load(adapter, map_location="cpu", weights_only=True)["hyper_parameters"]
+        return checkpoint_version(base_model or hparams["model_name_or_path"], revision)
+    version = adapter_version(adapter, revision)
+    require_environment(version, f"adapter {adapter!r}")
+    return version
 
 
 def export(
@@ -52,10 +63,18 @@ def export(
         out_dir: where the merged checkpoint goes (replaced whole, never half-written).
         base_model: hub id or folder of the base; default: the one the adapter or checkpoint was trained from.
         dtype: dtype of the saved weights.
-        trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR cannot load without it).
+        trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR v1 cannot load without it; v2 needs
+            none).
         revision: hub revision of the base.
         max_shard_size: largest safetensors file written (saving holds about one shard in memory at a time).
     """
+    version = export_version(adapter, base_model, revision)
+    if version == "v2":  # transformers' own DeepSeek-OCR 2: no remote code
+        if Path(adapter).suffix == ".ckpt":
+            raise ConfigError("a DeepSeek-OCR 2 export takes an adapter folder (lora_model or lora_model_best)")
+        from .v2.export import export as export_v2
+
+        return export_v2(adapter, out_dir, base_model, dtype, revision)
     if not trust_remote_code:
         raise ConfigError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
     source = AdapterSource.open(adapter, base_model)

@@ -24,14 +24,12 @@ class GenerationSettings:
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
     """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
-    prompt = batch["prompt_input_ids"]
+    prompt, tokenizer = batch["prompt_input_ids"], getattr(tokenizer, "tokenizer", tokenizer)  # v2: a processor
     with sdpa_kernel(DECODE_ATTENTION):
         out = model.generate(
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],
-            images=batch["images"],
-            images_seq_mask=batch["prompt_images_seq_mask"],
-            images_spatial_crop=batch["images_spatial_crop"],
+            **image_inputs(batch),
             max_new_tokens=settings.max_new_tokens,
             no_repeat_ngram_size=settings.no_repeat_ngram_size,
             do_sample=False,
@@ -42,7 +40,19 @@ def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings:
     return out[:, prompt.shape[1] :]
 
 
+def image_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The image arguments of `generate`: v2's processor tensors, or v1's views with the prompts' image mask."""
+    if "pixel_values" in batch:
+        return {k: batch[k] for k in ("pixel_values", "pixel_values_local", "num_local_patches")}
+    return {
+        "images": batch["images"],
+        "images_seq_mask": batch["prompt_images_seq_mask"],
+        "images_spatial_crop": batch["images_spatial_crop"],
+    }
+
+
 def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
     """Greedy transcriptions of the batch's images, special tokens dropped, stripped."""
     new_tokens = generate_tokens(model, tokenizer, batch, settings)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -36,6 +36,9 @@ class LoraSettings:
     use_rslora: bool = False  # rank-stabilised scaling
     random_state: int = 3407  # seed of the adapter initialisation
     loftq_config: dict[str, Any] | None = None  # LoftQ initialisation (Unsloth path only), None for plain LoRA
+    experts: Literal["split", "fused"] = "split"  # v2's fused 3-D experts: own pair per gate/up/down (as v1), or
+    # one pair on gate_up_proj (plain-PEFT layout, fewer parameters); v1 ignores it
+    encoder: bool = False  # v2: also adapt the Qwen2 vision encoder (DeepSeek froze it last); v1 ignores it
 
 
 @dataclass

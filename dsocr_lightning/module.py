@@ -23,13 +23,15 @@ from .checks import check_precision, out_of_memory_message
 from .fast import FastPaths
 from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
-from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set_inference
+from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
+from .versions import load_model, write_standin
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
+V2_MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_local", "num_local_patches")
 
 
 class DeepSeekOCRModule(L.LightningModule):
@@ -59,9 +61,11 @@ class DeepSeekOCRModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            model_name_or_path: hub id or local folder (what `snapshot_download` made) of the checkpoint.
+            model_name_or_path: hub id or local folder (what `snapshot_download` made) of the checkpoint; its
+                config.json says whether it is DeepSeek-OCR (v1, remote code) or DeepSeek-OCR 2 (v2, transformers 5).
             backend: `unsloth`, `transformers` (+ peft), or `auto` (Unsloth when a GPU and Unsloth are there).
-            trust_remote_code: run the model code shipped in the checkpoint; DeepSeek-OCR cannot load without it.
+            trust_remote_code: run the model code shipped in the checkpoint; DeepSeek-OCR (v1) cannot load without
+                it (v2 runs transformers' own code).
             revision: hub revision (branch, tag or commit) to pin the checkpoint to.
             dtype: base weights' dtype; `auto` = bf16 where the GPU has it, else fp16, float32 on CPU.
             load_in_4bit: QLoRA-style 4-bit base weights (Unsloth backend).
@@ -108,9 +112,7 @@ class DeepSeekOCRModule(L.LightningModule):
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.hparams.make_standin and not Path(self.hparams.model_name_or_path).exists():
-            from .standin import write_standin_checkpoint
-
-            write_standin_checkpoint(self.hparams.model_name_or_path)  # it logs where, once
+            write_standin(self.hparams.model_name_or_path)  # it logs where, once
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
@@ -134,13 +136,17 @@ class DeepSeekOCRModule(L.LightningModule):
             self.model.train()
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.model(**{k: batch[k] for k in MODEL_KEYS})
+        keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
+        return self.model(**{k: batch[k] for k in keys})
 
     def to_base_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not
         in `on_after_batch_transfer`: Lightning warns when a module overrides that hook beside a DataModule.)"""
         dtype = self.base_dtype
         batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch.get("images", [])]
+        for key in ("pixel_values", "pixel_values_local"):  # v2
+            if batch.get(key) is not None:
+                batch[key] = batch[key].to(dtype)
         return batch
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -318,10 +324,11 @@ def show_samples(logger: Any, prefix: str, batch: dict, predictions: list[str], 
     if count <= 0 or not hasattr(writer, "add_image"):
         return
     rows = ["| # | reference | prediction | CER |", "|---|---|---|---|"]
-    for i, (views, ref, pred, cer) in enumerate(zip(batch["images"], batch["texts"], predictions, cers)):
+    views = batch["pixel_values"] if "pixel_values" in batch else [glob[0] for _, glob in batch["images"]]
+    for i, (view, ref, pred, cer) in enumerate(zip(views, batch["texts"], predictions, cers)):
         if i == count:
             break
-        image = (views[1][0].float().clamp(-1, 1) + 1) / 2  # the global view, [3, B, B] in [0, 1]
+        image = (view.float().clamp(-1, 1) + 1) / 2  # the global view, [3, B, B] in [0, 1]
         writer.add_image(f"{prefix}_samples/{i}", image.cpu(), step)
         rows.append(f"| {i} | {ref} | {pred} | {cer:.3f} |")
     writer.add_text(f"{prefix}_samples", "\n".join(rows), step)

@@ -26,6 +26,9 @@ class FastPaths:
     grouped_experts: bool = True  # MoE experts as grouped matmuls (torch._grouped_mm), LoRA included
     batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
     vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
+    # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
+    # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
+    experts_implementation: str | None = None
 
 
 def grouped_mm_kind(device: torch.device, dtype: torch.dtype) -> str:

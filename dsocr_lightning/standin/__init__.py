@@ -6,8 +6,9 @@ image-token counts) are mimicked, so the fine-tuning code can be exercised on a 
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..images import image_token_count
-from .checkpoint import write_standin_checkpoint
 from .tokenizer import IMAGE_TOKEN_ID, write_tokenizer
 
 __all__ = [
@@ -34,3 +35,13 @@ def expected_lora_params(
     moe = n_routed * 3 * (hidden + moe_intermediate) + 3 * (hidden + moe_intermediate * n_shared)
     n_dense = min(first_dense, layers)
     return r * (layers * attention + n_dense * dense + (layers - n_dense) * moe)
+
+
+def __getattr__(name: str) -> Any:
+    """The v1 checkpoint writer imports v1's model classes (transformers 4.56.2): loaded on first use only, so that
+    the tokenizer also serves the v2 stand-in under transformers 5."""
+    if name == "write_standin_checkpoint":
+        from .checkpoint import write_standin_checkpoint
+
+        return write_standin_checkpoint
+    raise AttributeError(name)

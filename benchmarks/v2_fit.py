@@ -1,0 +1,210 @@
+"""DeepSeek-OCR 2: `python -m dsocr_lightning fit` against a plain HF `Trainer` + PEFT run on the same batches.
+
+python benchmarks/v2_fit.py WORK_DIR [--steps 20] [--experts grouped_mm batched_mm eager] [--json PATH]   # a GPU
+python benchmarks/v2_fit.py WORK_DIR --tiny                                        # CPU dry run, tiny TEST STAND-IN
+
+Needs the v2 environment (`pip install -e ".[v2,test]"`). Builds the model into WORK_DIR/model unless it is there:
+the full-size DeepSeek-OCR 2 with **random weights** (transformers' own classes at the public checkpoint's sizes,
+`dsocr_lightning/v2/config.py`; the stand-in character tokenizer with the real special-token ids), or with `--tiny`
+the tiny stand-in. Renders unshuffled synthetic lines into WORK_DIR/lines. Then, each in its own process, on the same
+batches (the package's collator, in order): our fit once per expert kernel in `--experts` (transformers'
+`experts_implementation`, with the LoRA'd experts), and the reference (HF `Trainer` + PEFT `target_parameters` on the
+fused experts, the guide's arguments). Writes first losses, samples/s and the trainable counts of the full-size
+model (meta device) to the JSON: benchmarks/results/v2_fit.json, or v2_fit_tiny.json with `--tiny` (whose speeds are
+a CPU's on a tiny model: they say nothing about the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, commit
+
+WARMUP = 3  # optimizer steps left out of the speed medians (kernel selection, allocator warm-up)
+
+
+def build_model(folder: Path, tiny: bool) -> None:
+    """The checkpoint folder: the tiny stand-in, or the random-weight full-size model (bf16, on the GPU)."""
+    if (folder / "config.json").exists():
+        return
+    if tiny:
+        from dsocr_lightning.v2.standin import write_v2_standin
+
+        write_v2_standin(folder)
+        return
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.deepseek_ocr2 import DeepseekOcr2ImageProcessorPil, DeepseekOcr2Processor
+
+    from dsocr_lightning.standin.tokenizer import build_tokenizer
+    from dsocr_lightning.v2.config import full_size_config
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(full_size_config(), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=build_tokenizer()).save_pretrained(
+        folder
+    )
+
+
+def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, experts: str) -> list[str]:
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.dtype", "float32"]
+    device = cpu if args.tiny else ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"]
+    return [
+        sys.executable, "-m", "dsocr_lightning", "fit", "--config", str(ROOT / "configs" / "t4_v2.yaml"), *device,
+        "--model.model_name_or_path", str(model), "--model.adapter_dir", "null",
+        "--model.fast.experts_implementation", experts, "--data.source", str(lines), "--data.source_type",
+        "imagefolder", "--data.train_split", "train", "--data.val_split", "null", "--data.image_column", "image",
+        "--data.shuffle", "false", "--data.num_workers", "0" if args.tiny else "2", "--trainer.limit_val_batches", "0",
+        "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(logs),
+    ]  # fmt: skip
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def our_fit(args: argparse.Namespace, model: Path, lines: Path, experts: str) -> dict:
+    logs = Path(args.work) / f"logs_{experts}"
+    subprocess.run(fit_command(args, model, lines, logs, experts), check=True, cwd=ROOT)
+    run = max((logs / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
+    values = scalars(run)
+    speeds = values["perf/samples_per_s"][WARMUP:] or values["perf/samples_per_s"]
+    return {"first_loss": values["train/loss"][0], "samples_per_s": statistics.median(speeds)}
+
+
+def run_reference(args: argparse.Namespace) -> None:
+    """HF Trainer + PEFT (plain fused `target_parameters`; B = 0 at the start, so the first loss is the base model's
+    whatever the layout) with the guide's arguments, on the package collator's batches in order."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForImageTextToText, Trainer, TrainerCallback, TrainingArguments
+
+    from dsocr_lightning.data import OCRDataModule
+    from dsocr_lightning.module import V2_MODEL_KEYS
+    from dsocr_lightning.v2.lora import LINEAR_NAMES, target_module_pattern
+
+    work, dtype = Path(args.work), torch.float32 if args.tiny else torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(work / "model", dtype=dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3407)
+    model = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=target_module_pattern(LINEAR_NAMES, False),
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"]))  # fmt: skip
+    data = OCRDataModule(str(work / "lines"), "imagefolder", "train", None, image_column="image",
+                         tokenizer_name_or_path=str(work / "model"))  # fmt: skip
+    data.setup("fit")
+    collate = data.collator(False)
+
+    def collate_model(samples: list) -> dict:
+        batch = {k: v for k, v in collate(samples).items() if k in V2_MODEL_KEYS}
+        for key in ("pixel_values", "pixel_values_local"):
+            batch[key] = batch[key].to(dtype) if batch.get(key) is not None else None
+        return batch
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    class Timer(TrainerCallback):
+        times, losses = [], []
+
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.times.append(time.perf_counter() - self.start)
+
+        def on_log(self, a, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    training = TrainingArguments(
+        output_dir=str(work / "reference"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+        max_steps=args.steps, learning_rate=2e-4, warmup_steps=5, lr_scheduler_type="linear", optim="adamw_8bit",
+        weight_decay=0.001, seed=3407, logging_steps=1, bf16=not args.tiny, use_cpu=args.tiny, report_to="none",
+        remove_unused_columns=False, save_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    timer = Timer()
+    trainer = InOrder(model=model, args=training, train_dataset=data.datasets["train"], data_collator=collate_model,
+                      callbacks=[timer])  # fmt: skip
+    trainer.model_accepts_loss_kwargs = False  # mean of micro-batch means, as ours logs (not HF's token weighting)
+    trainer.train()
+    steps = timer.times[WARMUP:] or timer.times
+    row = {"first_loss": timer.losses[0], "samples_per_s": 8 / statistics.median(steps)}
+    (work / "reference.json").write_text(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("work", help="folder for the model, the lines and the runs' logs")
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny TEST STAND-IN")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20, 3 with --tiny)")
+    parser.add_argument("--lines", type=int, default=None, help="training lines to render (default: 8 per step)")
+    parser.add_argument("--experts", nargs="+", default=None, help="experts_implementation values to run ours with")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
+    args = parser.parse_args()
+    args.steps = args.steps or (3 if args.tiny else 20)
+    if args.reference_only:
+        return run_reference(args)
+    work = Path(args.work)
+    build_model(work / "model", args.tiny)
+    if not (work / "lines").exists():
+        from dsocr_lightning.render import write_imagefolder
+
+        write_imagefolder(work / "lines", {"train": args.lines or 8 * args.steps}, seed=7)
+    experts = args.experts or (["grouped_mm"] if args.tiny else ["grouped_mm", "batched_mm", "eager"])
+    ours = {name: our_fit(args, work / "model", work / "lines", name) for name in experts}
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT)
+    reference = json.loads((work / "reference.json").read_text())
+    write_result(args, ours, reference)
+
+
+def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
+    import torch
+
+    from dsocr_lightning.v2.config import full_size_config
+    from dsocr_lightning.v2.lora import count_on_meta
+
+    default, _ = count_on_meta(full_size_config())
+    with_encoder, _ = count_on_meta(full_size_config(), encoder=True)
+    main_run = next(iter(ours.values()))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
+    result = {
+        "device": device
+        + (" (tiny TEST STAND-IN: a dry run, not a measurement of DeepSeek-OCR 2)" if args.tiny else ""),
+        "commit": commit(),
+        "trainable_default": default,  # full size, counted on the meta device
+        "trainable_with_encoder": with_encoder,
+        "first_loss": main_run["first_loss"],
+        "reference_first_loss": reference["first_loss"],
+        "first_loss_rel_diff": abs(main_run["first_loss"] - reference["first_loss"]) / abs(reference["first_loss"]),
+        "samples_per_s": main_run["samples_per_s"],
+        "reference_samples_per_s": reference["samples_per_s"],
+        "experts_implementations": ours,
+        "steps": args.steps,
+        "model": "tiny TEST STAND-IN" if args.tiny else "DeepSeek-OCR 2 architecture, random weights",
+    }
+    path = Path(args.json or ROOT / "benchmarks" / "results" / ("v2_fit_tiny.json" if args.tiny else "v2_fit.json"))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""v2 batches come from transformers' processor: image-token counts, masks and labels on a line, a wide and a tall
+page, and the model accepts them (its own placeholder check)."""
+
+import pytest
+import torch
+
+from dsocr_lightning.collate import IGNORE_INDEX
+from dsocr_lightning.images import MODES
+from dsocr_lightning.v2.collate import ProcessorCollator
+
+pytestmark = pytest.mark.v2
+
+# 1024 px global view: 16 x 16 = 256 tokens; each 768 px crop 12 x 12 = 144; one separator
+EXPECTED = {"line": (0, 256 + 1), "wide": (3, 256 + 3 * 144 + 1), "tall": (3, 256 + 3 * 144 + 1)}
+
+
+def collate(processor, pages, names, **settings):
+    collator = ProcessorCollator(processor, mode=MODES["gundam"], **settings)
+    return collator([{"image": pages[n], "text": f" {n} text ", "index": i} for i, n in enumerate(names)])
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_token_counts_and_masks(processor, pages, name):
+    batch = collate(processor, pages, [name])
+    crops, tokens = EXPECTED[name]
+    tokenizer, image_id = processor.tokenizer, processor.image_token_id
+    ids, labels, mask = batch["input_ids"][0], batch["labels"][0], batch["images_seq_mask"][0]
+    assert int(mask.sum()) == tokens == int((ids == image_id).sum())
+    assert batch["num_local_patches"].tolist() == [crops]
+    assert batch["pixel_values"].shape == (1, 3, 1024, 1024)
+    assert (
+        (batch["pixel_values_local"] is None)
+        if not crops
+        else batch["pixel_values_local"].shape == (crops, 3, 768, 768)
+    )
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    prompt = int((labels == IGNORE_INDEX).sum())
+    assert labels[:prompt].eq(IGNORE_INDEX).all() and not mask[prompt:].any()  # the image sits in the unlearned prompt
+    assert tokenizer.decode(labels[prompt:]) == f"{name} text {tokenizer.eos_token}"  # response only, EOS learned
+
+
+def test_mixed_batch_pads_right_and_prompts_left(processor, pages):
+    batch = collate(processor, pages, ["line", "wide", "tall"], with_prompts=True)
+    pad = processor.tokenizer.pad_token_id
+    assert batch["num_local_patches"].tolist() == [0, 3, 3] and batch["pixel_values_local"].shape[0] == 6
+    assert batch["input_ids"][0, -1] == pad and batch["labels"][0, -1] == IGNORE_INDEX
+    assert (batch["attention_mask"] == (batch["input_ids"] != pad)).all()
+    assert batch["prompt_input_ids"][0, 0] == pad and batch["prompt_input_ids"][1, -1] != pad
+
+
+def test_without_crops_the_view_and_count_agree(processor, pages):
+    collator = ProcessorCollator(processor, mode=MODES["tiny"])  # crop_mode false
+    batch = collator([{"image": pages["wide"], "text": "x"}])
+    assert batch["pixel_values"].shape[-1] == 768 and int(batch["images_seq_mask"].sum()) == 144 + 1
+
+
+def test_the_model_takes_the_batch(v2_dir, processor, pages):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(v2_dir)
+    batch = collate(processor, pages, ["line", "wide"])
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_local", "num_local_patches")
+    with torch.no_grad():
+        loss = model(**{k: batch[k] for k in keys}).loss
+    assert torch.isfinite(loss)
+
+
+def test_bad_samples_follow_the_policy(processor, pages):
+    from dsocr_lightning.collate import BadSampleError
+
+    samples = [{"image": pages["line"], "text": "ok", "index": 0}, {"image": None, "text": " ", "index": 1}]
+    with pytest.raises(BadSampleError, match="index 1"):
+        ProcessorCollator(processor)(samples)
+    batch = ProcessorCollator(processor, policy="skip")(samples)
+    assert batch["texts"] == ["ok"] and len(batch["skipped"]) == 1
