@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator
 from .images import MODES, Mode
 from .loading import load_tokenizer
+from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
 
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
@@ -110,6 +111,7 @@ class OCRDataModule(L.LightningDataModule):
         bad_sample_policy: BadSamplePolicy = "error",
         dataset_revision: str | None = None,
         synthetic_sizes: dict[str, int] | None = None,
+        synthetic_kind: LineKind = "words",
         seed: int = 3407,
         tokenizer_name_or_path: str = "unsloth/DeepSeek-OCR",
         trust_remote_code: bool = False,
@@ -142,6 +144,8 @@ class OCRDataModule(L.LightningDataModule):
                 drops it and counts it (the `bad_samples` callback fails the run past its fraction).
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
+            synthetic_kind: `words` (Persian words, joined, right to left) or `digits` (numbers of up to 8 Persian
+                digits, one per fixed cell: what the demo's tiny stand-in learns to read in minutes).
             seed: seed of the synthetic lines.
             tokenizer_name_or_path: where the tokenizer comes from (linked to the model's checkpoint by the CLI).
             trust_remote_code: allow the checkpoint's code for the tokenizer (linked to the model's setting).
@@ -168,9 +172,7 @@ class OCRDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         hp = self.hparams
         if hp.source_type == "synthetic" and not Path(hp.source).exists():
-            from .render import write_imagefolder
-
-            write_imagefolder(hp.source, hp.synthetic_sizes or {"train": 64, "test": 16}, seed=hp.seed)
+            write_imagefolder(hp.source, hp.synthetic_sizes or {"train": 64, "test": 16}, hp.seed, hp.synthetic_kind)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
