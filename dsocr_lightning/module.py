@@ -51,6 +51,7 @@ class DeepSeekOCRModule(L.LightningModule):
         log_samples: int = 4,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         """
         Args:
@@ -77,6 +78,9 @@ class DeepSeekOCRModule(L.LightningModule):
                 that micro-batch; either way it is logged with the step.
             make_standin: TEST ONLY: write the tiny random stand-in checkpoint into `model_name_or_path` if that
                 folder does not exist (offline demo and tests); never a real model.
+            cpu_threads: intra-op threads of a CPU run (`torch.set_num_threads`); null keeps torch's default (one
+                per core). A tiny model gains little from a second thread, which stalls whenever another process
+                holds a core.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -95,17 +99,28 @@ class DeepSeekOCRModule(L.LightningModule):
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.saved_adapters: list[Path] = []  # where `fit` saved the adapter (what the run summary reports)
+        self.threads_before = 0  # torch's intra-op threads before `cpu_threads` changed them
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.hparams.make_standin and not Path(self.hparams.model_name_or_path).exists():
             from .standin import write_standin_checkpoint
 
-            write_standin_checkpoint(self.hparams.model_name_or_path)
+            # lm_head only where labels are learned: the same loss, most of a CPU training step saved
+            write_standin_checkpoint(self.hparams.model_name_or_path, labelled_logits_only=True)
             rank_zero_info(f"wrote the tiny TEST STAND-IN checkpoint to {self.hparams.model_name_or_path}")
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
+        if self.hparams.cpu_threads and self.trainer.strategy.root_device.type == "cpu":
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.hparams.cpu_threads)
+
+    def teardown(self, stage: str) -> None:
+        if self.threads_before:  # the process gets its thread count back (tests run many fits in one)
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = 0
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -238,6 +253,7 @@ class DeepSeekOCRModule(L.LightningModule):
             targets.append(Path(self.hparams.adapter_dir))
         for target in targets:
             save_adapter(self.model, self.tokenizer, target)
+            self.saved_adapters.append(target)
             rank_zero_info(f"LoRA adapter + tokenizer saved to {target}")
 
 
