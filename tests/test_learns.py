@@ -12,7 +12,6 @@ from dsocr_lightning.cli import main
 from dsocr_lightning.collate import IGNORE_INDEX, OCRCollator
 from dsocr_lightning.generation import generate_texts
 from dsocr_lightning.render import write_imagefolder
-from dsocr_lightning.standin import write_standin_checkpoint
 from dsocr_lightning.summary import RunSummary
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -24,12 +23,6 @@ READS = 0.05  # CER at or below which the model reproduces its lines
 @pytest.fixture(scope="module")
 def digit_lines(tmp_path_factory):
     return write_imagefolder(tmp_path_factory.mktemp("digits") / "data", {"train": LINES}, seed=1, kind="digits")
-
-
-@pytest.fixture(scope="module")
-def fast_standin(tmp_path_factory):
-    """The stand-in as the demo writes it (lm_head only at learned positions: the same loss, faster)."""
-    return write_standin_checkpoint(tmp_path_factory.mktemp("standin_fast") / "ckpt", labelled_logits_only=True)
 
 
 def fit_lines(standin: Path, lines: Path, run_dir: Path):
@@ -71,8 +64,8 @@ def check_reads(cli, instruction: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(fast_standin, digit_lines, tmp_path_factory):
-    return fit_lines(fast_standin, digit_lines, tmp_path_factory.mktemp("learns"))
+def trained(standin_dir, digit_lines, tmp_path_factory):
+    return fit_lines(standin_dir, digit_lines, tmp_path_factory.mktemp("learns"))
 
 
 def test_fit_teaches_the_standin_to_read_its_lines(trained):
@@ -98,8 +91,8 @@ def test_the_run_summary_saw_the_validation_and_the_adapter(trained):
     assert trained.model.saved_adapters == [Path(trained.trainer.log_dir) / "lora_model"]
 
 
-def test_labels_shifted_by_one_token_fail(fast_standin, digit_lines, tmp_path, monkeypatch):
+def test_labels_shifted_by_one_token_fail(standin_dir, digit_lines, tmp_path, monkeypatch):
     labels_for = OCRCollator.labels_for
     monkeypatch.setattr(OCRCollator, "labels_for", lambda self, enc: labels_for(self, enc)[1:] + [IGNORE_INDEX])
     with pytest.raises(AssertionError, match="CER"):
-        check_reads(fit_lines(fast_standin, digit_lines, tmp_path))
+        check_reads(fit_lines(standin_dir, digit_lines, tmp_path))
