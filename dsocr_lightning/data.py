@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checks import ConfigError, check_model_source
 from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_instruction
 from .images import MODES, Mode
+from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
 from .versions import load_text_side, make_collator
 
@@ -181,6 +182,7 @@ class OCRDataModule(L.LightningDataModule):
         scan: bool = False,
         dataset_revision: str | None = None,
         synthetic_sizes: dict[str, int] | None = None,
+        synthetic_kind: LineKind = "words",
         seed: int = 3407,
         tokenizer_name_or_path: str = "unsloth/DeepSeek-OCR",
         trust_remote_code: bool = False,
@@ -216,6 +218,8 @@ class OCRDataModule(L.LightningDataModule):
                 one at once (policy `error`: stop before training; `skip`: warn).
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
+            synthetic_kind: `words` (Persian words, joined, right to left) or `digits` (numbers of up to 8 Persian
+                digits, one per fixed cell: what the demo's tiny stand-in learns to read in minutes).
             seed: seed of the synthetic lines.
             tokenizer_name_or_path: where the tokenizer comes from (linked to the model's checkpoint by the CLI).
             trust_remote_code: allow the checkpoint's code for the tokenizer (linked to the model's setting).
@@ -242,9 +246,7 @@ class OCRDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         hp = self.hparams
         if hp.source_type == "synthetic" and not Path(hp.source).exists():
-            from .render import write_imagefolder
-
-            write_imagefolder(hp.source, hp.synthetic_sizes or {"train": 64, "test": 16}, seed=hp.seed)
+            write_imagefolder(hp.source, hp.synthetic_sizes or {"train": 64, "test": 16}, hp.seed, hp.synthetic_kind)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams

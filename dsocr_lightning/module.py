@@ -58,6 +58,7 @@ class DeepSeekOCRModule(L.LightningModule):
         log_samples: int = 4,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         """
         Args:
@@ -88,6 +89,9 @@ class DeepSeekOCRModule(L.LightningModule):
                 that micro-batch; either way it is logged with the step.
             make_standin: TEST ONLY: write the tiny random stand-in checkpoint into `model_name_or_path` if that
                 folder does not exist (offline demo and tests); never a real model.
+            cpu_threads: intra-op threads of a CPU run (`torch.set_num_threads`); null keeps torch's default (one
+                per core). A tiny model gains little from a second thread, which stalls whenever another process
+                holds a core.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +112,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
+        self.threads_before = 0  # torch's intra-op threads before `cpu_threads` changed them
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -119,6 +124,14 @@ class DeepSeekOCRModule(L.LightningModule):
         # cuDNN's attention plans a graph for every new shape, and every micro-batch has a new length: profiled on
         # an H100 at 1.3 ms of CPU per forward call and 6 ms per backward call. Flash / memory-efficient do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
+        if self.hparams.cpu_threads and self.trainer.strategy.root_device.type == "cpu":
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.hparams.cpu_threads)
+
+    def teardown(self, stage: str) -> None:
+        if self.threads_before:  # the process gets its thread count back (tests run many fits in one)
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = 0
 
     def configure_model(self) -> None:
         if self.model is None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from fake_generation import dropped_chars, expected_cers, install
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -52,7 +53,8 @@ def test_loss_every_step_and_val_metrics(fitted, lines_dir):
     assert [s for s, _ in losses] == [0, 1, 2, 3]  # one value per optimizer step
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     lrs = [v for _, v in scalars(log_dir, "train/lr")]
-    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(3e-3 / 5)  # demo: lr 3e-3, warmup 5
+    demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["model"]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(demo["lr"] / demo["warmup_steps"])  # the demo's warmup
     for tag in ("val/cer", "val/cer_mean", "val/loss"):
         assert len(scalars(log_dir, tag)) == 4
     # the last validation's CER is exactly what its predictions give (each reference cut by k characters)

@@ -185,3 +185,17 @@ def test_image_features_layout_and_counts(model):
     for r in range(3):
         rows += [glob[r, x] for x in range(3)] + [inner.image_newline]
     torch.testing.assert_close(feats, torch.stack([*rows, inner.view_separator]).detach())
+
+
+def test_labelled_logits_only_keeps_the_loss(model, tmp_path):
+    """The demo's CPU shortcut: lm_head at the learned positions only, the same loss; logits_to_keep as HF's."""
+    fast = AutoModel.from_pretrained(
+        write_standin_checkpoint(tmp_path / "fast", labelled_logits_only=True), trust_remote_code=True,
+        dtype=torch.float32,
+    ).eval()  # fmt: skip
+    batch = images_batch()
+    labels = batch["input_ids"].masked_fill(batch["images_seq_mask"] | (batch["attention_mask"] == 0), -100)
+    out = fast(**batch, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, model(**batch, labels=labels).loss)
+    torch.testing.assert_close(fast(**batch, logits_to_keep=1).logits[:, 0], model(**batch).logits[:, -1])

@@ -51,8 +51,7 @@ def grouped_experts_line(model: nn.Module, paths: FastPaths, device: torch.devic
     if not paths.grouped_experts:
         return "grouped experts: off (transformers' per-expert loop)"
     if not hasattr(torch, "_grouped_mm"):
-        raise RuntimeError(f"grouped experts need torch >= 2.9 (torch {torch.__version__}): upgrade torch or set "
-                           "model.fast.grouped_experts false")  # fmt: skip
+        return f"grouped experts: not in torch {torch.__version__} (needs >= 2.9): transformers' per-expert loop"
     kind = grouped_mm_kind(device, dtype)
     if kind == "slow":
         return (f"grouped experts: not used on {device} in {str(dtype).removeprefix('torch.')} (no native grouped "

@@ -26,7 +26,7 @@ README = "# TEST STAND-IN, random weights, not DeepSeek-OCR\n\nWritten by dsocr_
 def standin_config(
     *, hidden_size: int, num_layers: int, num_heads: int, n_routed_experts: int, num_experts_per_tok: int,
     n_shared_experts: int, moe_intermediate_size: int, intermediate_size: int, vocab_size: int,
-    initializer_range: float = 0.02,
+    initializer_range: float = 0.02, labelled_logits_only: bool = False,
 ) -> StandinOCRConfig:  # fmt: skip
     """DeepSeek-OCR-shaped config (dense layer 0, greedy MoE after it, no MLA) at the given tiny sizes."""
     config = StandinOCRConfig(
@@ -39,7 +39,7 @@ def standin_config(
         qk_rope_head_dim=hidden_size // num_heads, v_head_dim=hidden_size // num_heads,  # MLA dims: unused
         image_token_id=IMAGE_TOKEN_ID,
         max_position_embeddings=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        tie_word_embeddings=False, initializer_range=initializer_range,
+        tie_word_embeddings=False, initializer_range=initializer_range, labelled_logits_only=labelled_logits_only,
     )  # fmt: skip
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["StandinOCRForCausalLM"]
@@ -50,7 +50,7 @@ def write_standin_checkpoint(
     folder, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
     n_routed_experts: int = 4, num_experts_per_tok: int = 2, n_shared_experts: int = 2,
     moe_intermediate_size: int = 32, intermediate_size: int = 128, vocab_size: int = 129280,
-    dtype: torch.dtype = torch.float32, initializer_range: float = 0.1,
+    dtype: torch.dtype = torch.float32, initializer_range: float = 0.1, labelled_logits_only: bool = False,
 ) -> Path:  # fmt: skip
     """Write config.json, model.safetensors (seeded random init), the modeling file, the tokenizer and a README
     into `folder`; load it back with AutoModel/AutoTokenizer.from_pretrained(folder, trust_remote_code=True).
@@ -62,7 +62,7 @@ def write_standin_checkpoint(
         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, n_routed_experts=n_routed_experts,
         num_experts_per_tok=num_experts_per_tok, n_shared_experts=n_shared_experts,
         moe_intermediate_size=moe_intermediate_size, intermediate_size=intermediate_size, vocab_size=vocab_size,
-        initializer_range=initializer_range,
+        initializer_range=initializer_range, labelled_logits_only=labelled_logits_only,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # deterministic per seed, without touching the caller's RNG
         torch.manual_seed(seed)

@@ -41,7 +41,10 @@ class StandinOCRConfig(DeepseekV2Config):
 
     model_type = "dsocr_standin"
 
-    def __init__(self, image_token_id: int = 128815, vision_patch: int = 64, use_mla: bool = False, **kwargs):
+    def __init__(
+        self, image_token_id: int = 128815, vision_patch: int = 64, use_mla: bool = False,
+        labelled_logits_only: bool = False, **kwargs,
+    ):  # fmt: skip
         # No MLA: plain q/k/v/o projections (as in DeepSeek-OCR's 3B MoE decoder).
         kwargs.setdefault("q_lora_rank", None)
         kwargs.setdefault("kv_lora_rank", None)
@@ -49,6 +52,9 @@ class StandinOCRConfig(DeepseekV2Config):
         self.image_token_id = image_token_id
         self.vision_patch = vision_patch  # 16-pixel patches x 4 downsampling = one token per 64x64 pixels
         self.use_mla = use_mla
+        # CPU shortcut: with labels, run lm_head only where a label is learned (the same loss, `logits` None);
+        # the 129,280-row lm_head over every image position is most of a training step's time on a CPU.
+        self.labelled_logits_only = labelled_logits_only
         # DeepseekV2Config sets head_dim = qk_rope_head_dim; the Llama-style attention needs hidden / heads.
         self.head_dim = self.hidden_size // self.num_attention_heads
 
@@ -179,6 +185,7 @@ class StandinOCRForCausalLM(StandinOCRPreTrainedModel, DeepseekV2ForCausalLM):
         images_spatial_crop: torch.Tensor | None = None,
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         kwargs.pop("num_items_in_batch", None)  # trainer bookkeeping, not a model input
@@ -189,16 +196,24 @@ class StandinOCRForCausalLM(StandinOCRPreTrainedModel, DeepseekV2ForCausalLM):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, cache_position=cache_position, **kwargs,
         )  # fmt: skip
-        logits = self.lm_head(out.last_hidden_state).float()  # [B, L, vocab]
-        loss = None
-        if labels is not None:  # labels aligned with input_ids; shift here (predict token t+1 from <= t)
-            shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels, ignore_index=-100)
+        hidden = out.last_hidden_state
+        if labels is not None and self.config.labelled_logits_only:
+            logits, loss = None, self.labelled_loss(hidden, labels)
+        else:
+            logits = self.lm_head(hidden[:, -logits_to_keep:]).float()  # [B, L or logits_to_keep, vocab]
+            loss = None if labels is None else shifted_loss(logits, labels)
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions,
         )  # fmt: skip
         return result if return_dict is not False else result.to_tuple()
+
+    def labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from the hidden states [B, L, h] of the positions whose next label is
+        learned: what `shifted_loss` gives over the full logits, at a fraction of the lm_head work."""
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != -100
+        return F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), targets[keep])
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         """GenerationMixin's default (cache slicing, position ids = cumsum(mask) - 1 for left padding), with
@@ -212,3 +227,9 @@ class StandinOCRForCausalLM(StandinOCRPreTrainedModel, DeepseekV2ForCausalLM):
             for key in ("images", "images_seq_mask", "images_spatial_crop"):
                 inputs[key] = None
         return inputs
+
+
+def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with input_ids, shifted here: token t + 1 is predicted from positions <= t."""
+    shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels, ignore_index=-100)
