@@ -133,7 +133,9 @@ def table(data: dict) -> str:
     for r in data["rows"]:
         scaling = f"{100 * data['scaling_efficiency'][r['path']]:.0f} %" if r["gpus"] == 2 else ""
         lines.append(f"| {r['path']} | {r['gpus']} | {r['samples_per_s']:.2f} | {r['median_step_s']:.3f} | {scaling} |")
-    lines.append(f"\nval/cer on {data['val_split']}: 1 GPU {data['val_cer_1gpu']:.6f}, 2 GPUs {data['val_cer_2gpu']:.6f}")
+    lines.append(
+        f"\nval/cer on {data['val_split']}: 1 GPU {data['val_cer_1gpu']:.6f}, 2 GPUs {data['val_cer_2gpu']:.6f}"
+    )
     lines.append(f"kill -9 after step {data['resume_killed_at_step']}, resume: losses equal the uninterrupted run's: "
                  f"{data['resume_losses_equal']} (max diff {data['resume_max_loss_diff']:.2e})")  # fmt: skip
     return "\n".join(lines)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dsocr_lightning.checks import ConfigError, check_precision
-from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.cli import main
+from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.loading import resolve_backend
 from dsocr_lightning.module import DeepSeekOCRModule
 
