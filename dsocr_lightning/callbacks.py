@@ -28,7 +28,7 @@ class SpeedMonitor(L.Callback):
         if self.start is None:
             self.sync()
             self.start = time.perf_counter()
-        self.samples += len(batch["texts"])
+        self.samples += len(batch["texts"]) * trainer.world_size  # every rank's (shards are padded to equal size)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self.sync()

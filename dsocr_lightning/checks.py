@@ -121,6 +121,18 @@ def check_checkpointing(best: Any) -> None:
                           "for no best checkpoint")  # fmt: skip
 
 
+def check_backend_devices(backend: str, trainer: Any) -> None:
+    """Unsloth trains on one GPU (no data-parallel support): several devices or nodes are refused before anything
+    loads, as `preimport` reads them. `auto` takes transformers + peft there itself."""
+    from .preimport import TRAINER_KEYS, several_devices
+
+    if backend == "unsloth" and several_devices(*(trainer.get(key, default) for key, default in TRAINER_KEYS)):
+        raise ConfigError(
+            "backend 'unsloth' trains on one GPU only: for several GPUs or nodes use --model.backend transformers "
+            "(or auto, which picks it there) with --trainer.devices N (--trainer.num_nodes M)"
+        )
+
+
 def check_precision(precision: str | None) -> None:
     """bf16 asked for on a GPU without it (the T4) fails late and obscurely: say so now."""
     if precision and "bf16" in str(precision) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

@@ -17,6 +17,7 @@ from .checkpoints import LastCheckpoint
 from .checks import (
     ConfigError,
     check_adapter,
+    check_backend_devices,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
@@ -136,6 +137,7 @@ def preflight(subcommand: str, config: Any) -> None:
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"))
     check_precision(config["trainer"]["precision"])
+    check_backend_devices(model["backend"], config["trainer"])
     if subcommand == "fit":
         check_checkpointing(config["checkpoint"])
 

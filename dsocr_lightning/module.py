@@ -16,11 +16,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MeanMetric, SumMetric
 
 from .checkpoints import best_checkpoint
-from .checks import check_precision, out_of_memory_message
+from .checks import ConfigError, check_precision, out_of_memory_message
 from .fast import FastPaths
+from .fast.moe import looped_expert_layers
 from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
@@ -108,6 +110,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.backend: str | None = None
         self.base_dtype = torch.float32
         self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step
+        self.nonfinite_skips = SumMetric()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
@@ -148,6 +151,9 @@ class DeepSeekOCRModule(L.LightningModule):
             # switch to eval mode and back themselves.
             self.model.train()
 
+    def on_fit_start(self) -> None:
+        check_data_parallel(self.trainer.strategy.model, self.model)
+
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
         return self.model(**{k: batch[k] for k in keys})
@@ -164,13 +170,27 @@ class DeepSeekOCRModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if not batch["texts"]:
-            return None  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
+        if not batch["texts"]:  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
+            return self.skip_micro_batch(nonfinite=False)
         loss = self.guarded_forward(self.to_base_dtype(batch)).loss
         if not torch.isfinite(loss):
-            return self.on_nonfinite(loss, batch_idx)
+            self.on_nonfinite(loss, batch_idx)
+            return self.skip_micro_batch(nonfinite=True)
         self.train_loss.update(loss.detach())
+        self.nonfinite_skips.update(0.0)
         return loss
+
+    def skip_micro_batch(self, nonfinite: bool) -> torch.Tensor | None:
+        """What a micro-batch that trains nothing returns. Its metric updates (weight 0) keep every rank's update count
+        equal, so that all ranks compute (a collective under DDP) at each optimizer step. On one device: None (no
+        backward). Under DDP every rank must join each backward's gradient all-reduce, or the others wait for ever:
+        a zero loss over the trainable weights, whose gradient is exactly zero (the step averages the other ranks'
+        gradients with this rank's zeros)."""
+        self.train_loss.update(torch.zeros((), device=self.device), weight=0.0)
+        self.nonfinite_skips.update(float(nonfinite))
+        if self.trainer.world_size == 1:
+            return None
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
     def guarded_forward(self, batch: dict[str, Any]) -> Any:
         """Forward, with the remedies spelled out when the GPU runs out of memory."""
@@ -186,15 +206,19 @@ class DeepSeekOCRModule(L.LightningModule):
         message = f"non-finite loss {loss.item()} at global step {self.global_step} (batch {batch_idx})"
         if self.hparams.nonfinite_loss == "stop":
             raise FloatingPointError(f"{message}: stopping; the last good checkpoint and adapter are kept")
-        log.warning("%s: skipping this micro-batch", message)
+        log.warning("%s on rank %d: skipping this micro-batch", message, self.global_rank)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One `train/loss` per optimizer step: the mean over its accumulated micro-batches (as HF logs it)."""
-        if self.train_loss.update_count:
+        """One `train/loss` per optimizer step: the mean over its accumulated micro-batches (as HF logs it), all ranks'
+        together (NaN when every one was skipped); `train/nonfinite_skipped` counts the step's skipped micro-batches
+        (all ranks). Both every step: Lightning would repeat a value not logged again."""
+        if self.train_loss.update_count:  # equal on every rank: all compute (gather) together
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
+            self.log("train/nonfinite_skipped", self.nonfinite_skips.compute(), on_step=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self.log("train/grad_norm", gradient_norm(optimizer), on_step=True)  # before clipping, as HF logs it
         self.train_loss.reset()
+        self.nonfinite_skips.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -222,8 +246,8 @@ class DeepSeekOCRModule(L.LightningModule):
             show_samples(self.logger, prefix, batch, predictions, cers, self.hparams.log_samples, self.global_step)
 
     def log_cer(self, prefix: str) -> None:
-        self.log_dict(self.val_cer.compute(prefix), prog_bar=True)
-        self.val_cer.reset()
+        """The CER metrics themselves: Lightning computes them over every rank's lines, logs and resets them."""
+        self.log_dict(self.val_cer.metrics(prefix), prog_bar=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluate(batch, "val", batch_idx)
@@ -309,6 +333,21 @@ def trainable_weights_from(module: L.LightningModule, checkpoint: str) -> Iterat
         finally:
             for key, value in kept.items():
                 params[key].copy_(value)
+
+
+def check_data_parallel(wrapper: Any, model: Any) -> None:
+    """Plain DDP (`ddp`, or `auto` on several devices) needs a gradient for every trainable weight in every
+    backward: the grouped experts give one (their stacked LoRA weights serve every expert); transformers' per-expert
+    loop does not for an expert no token picked, and DDP would then fail a step later with a long message."""
+    if not isinstance(wrapper, DistributedDataParallel) or wrapper.find_unused_parameters:
+        return
+    looped = looped_expert_layers(model)
+    if looped:
+        raise ConfigError(
+            f"{looped} MoE layers run transformers' per-expert loop (grouped experts off, or no native grouped "
+            "matmul here: bf16 on Hopper or newer, or the CPU), where an idle expert gets no gradient: use "
+            "--trainer.strategy ddp_find_unused_parameters_true"
+        )
 
 
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:

@@ -1,8 +1,8 @@
 """Import Unsloth before anything imports transformers, when Unsloth will be the backend.
 
 `import lightning` already imports transformers (through torchmetrics), so the choice is made from the command
-line alone, before the CLI module is imported: `--model.backend` (and `--trainer.devices`/`--trainer.strategy`)
-and the same keys of `--config` files, the last one given winning, as the CLI itself reads them.
+line alone, before the CLI module is imported: `--model.backend` (and `--trainer.devices`, `strategy`, `num_nodes`,
+`accelerator`) and the same keys of `--config` files, the last one given winning, as the CLI itself reads them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+TRAINER_KEYS = (("devices", "auto"), ("strategy", "auto"), ("num_nodes", 1), ("accelerator", "auto"))
 
 
 def requested(argv: list[str], section: str, key: str, default: Any) -> Any:
@@ -35,10 +37,29 @@ def lookup(config: Any, path: list[str]) -> Any:
     return config
 
 
+def device_count(devices: Any, accelerator: Any = "auto") -> int:
+    """How many devices of one node a `trainer.devices` value asks for, as Lightning counts them: `auto` and -1 are
+    every GPU (one process on the CPU), `2` two, `0,1` or `[0, 1]` those listed."""
+    text = str(devices).strip().strip("[]").replace(" ", "")
+    if text in ("auto", "-1"):
+        import torch
+
+        gpu = str(accelerator) in ("auto", "gpu", "cuda")
+        return max(torch.cuda.device_count(), 1) if gpu else 1
+    if "," in text:
+        return len([part for part in text.split(",") if part])
+    return int(text) if text.isdigit() else 1
+
+
+def several_devices(devices: Any, strategy: Any, num_nodes: Any = 1, accelerator: Any = "auto") -> bool:
+    """Whether a run with these trainer settings is data-parallel (more than one process, or a DDP/FSDP strategy)."""
+    if any(name in str(strategy).lower() for name in ("ddp", "fsdp", "deepspeed")):  # a name or a class path
+        return True
+    return device_count(devices, accelerator) * int(str(num_nodes or 1)) > 1
+
+
 def runs_on_several_devices(argv: list[str]) -> bool:
-    devices = str(requested(argv, "trainer", "devices", "auto"))
-    strategy = str(requested(argv, "trainer", "strategy", "auto"))
-    return "ddp" in strategy or "fsdp" in strategy or (devices.isdigit() and int(devices) > 1) or "," in devices
+    return several_devices(*(requested(argv, "trainer", key, default) for key, default in TRAINER_KEYS))
 
 
 def auto_picks_grouped_experts(argv: list[str]) -> bool:

@@ -6,10 +6,13 @@ CERs are known exactly (k / length per line) and change as training moves the we
 
 In-process: `install(monkeypatch)`. As a program, for subprocesses (and the processes DDP starts from it):
 `python tests/fake_generation.py fit --config ...` runs `python -m dsocr_lightning fit --config ...` with it.
+With `FAKE_NONFINITE=RANK:STEP` in the environment, every training loss of that rank at that global step is NaN
+(a data-parallel rank that skips a whole optimizer step).
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 from typing import Any
 
@@ -33,6 +36,21 @@ def expected_cers(references: list[str], k: int) -> tuple[float, float]:
     return sum(lost) / sum(len(r) for r in references), sum(n / len(r) for n, r in zip(lost, references)) / len(lost)
 
 
+def poison(rank: int, step: int) -> None:
+    """NaN training losses on `rank` at global `step`."""
+    from dsocr_lightning.module import DeepSeekOCRModule
+
+    forward = DeepSeekOCRModule.forward
+
+    def poisoned(self: Any, batch: dict) -> Any:
+        out = forward(self, batch)
+        if self.training and (self.global_rank, self.global_step) == (rank, step):
+            out.loss = out.loss * float("nan")
+        return out
+
+    DeepSeekOCRModule.forward = poisoned
+
+
 def install(monkeypatch: Any = None) -> None:
     from dsocr_lightning import module
 
@@ -40,6 +58,8 @@ def install(monkeypatch: Any = None) -> None:
         module.generate_texts = fake_generate_texts
     else:
         monkeypatch.setattr(module, "generate_texts", fake_generate_texts)
+    if os.environ.get("FAKE_NONFINITE"):
+        poison(*map(int, os.environ["FAKE_NONFINITE"].split(":")))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 from dsocr_lightning.checks import ConfigError, check_precision
 from dsocr_lightning.cli import main
+from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.loading import resolve_backend
 from dsocr_lightning.module import DeepSeekOCRModule
 
@@ -69,6 +70,9 @@ CASES = {  # name: (flags, made from (tmp_path, standin_dir) or None, what the m
     "checkpoint file missing": (["--ckpt_path", "nothing.ckpt"], "no such checkpoint file"),
     "resume cadence on the best checkpoint": (["--checkpoint.every_n_train_steps", "2"],
                                               "use --last_checkpoint.every_n_train_steps"),
+    "unsloth on several devices": (["--model.backend", "unsloth", "--trainer.devices", "2"],
+                                   "'unsloth' trains on one GPU only: .* --model.backend transformers"),
+    "unsloth on several nodes": (["--model.backend", "unsloth", "--trainer.num_nodes", "2"], "one GPU only"),
 }  # fmt: skip
 
 
@@ -127,6 +131,41 @@ def test_unsloth_without_a_gpu():
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
         resolve_backend("unsloth")
     assert resolve_backend("auto") == "transformers"
+
+
+def test_auto_never_picks_unsloth_for_several_devices(monkeypatch):
+    """Unsloth has no data-parallel path here (it would hang or fail at the first collective): auto takes
+    transformers + peft on several devices even where Unsloth is there and would be chosen on one."""
+    from dsocr_lightning import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "unsloth_available", lambda: True)
+    monkeypatch.setattr(loading, "grouped_experts_apply", lambda *args: False)
+    assert resolve_backend("auto", 1, dtype=torch.bfloat16) == "unsloth"
+    assert resolve_backend("auto", 2, dtype=torch.bfloat16) == "transformers"
+
+
+def test_plain_ddp_with_the_per_expert_loop_says_which_strategy(standin_dir, lines_dir):
+    """With grouped experts off, transformers' per-expert loop gives an idle expert no gradient: plain DDP is
+    refused at the start of fit with the strategy to use (DDP itself would fail a step later, at length)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dsocr_lightning.module import check_data_parallel
+
+    cli = main(fit_args(standin_dir, lines_dir, "--model.fast.grouped_experts", "false")[1:], run=False)
+    cli.model.trainer = cli.trainer
+    cli.model.configure_model()
+    wrapper = DistributedDataParallel.__new__(DistributedDataParallel)
+    wrapper.find_unused_parameters = False
+    with pytest.raises(ConfigError, match=r"\d+ MoE layers run transformers' per-expert loop.*ddp_find_unused_param"):
+        check_data_parallel(wrapper, cli.model.model)
+    wrapper.find_unused_parameters = True
+    check_data_parallel(wrapper, cli.model.model)
+    cli.model.model = None  # grouped experts (the default here): every expert weight gets a gradient, plain DDP runs
+    cli.model.load_settings.fast = FastPaths()
+    cli.model.configure_model()
+    wrapper.find_unused_parameters = False
+    check_data_parallel(wrapper, cli.model.model)
 
 
 def test_bf16_on_a_gpu_without_it(monkeypatch):

@@ -20,6 +20,10 @@ def test_several_devices():
     assert runs_on_several_devices(["fit", "--trainer.devices", "2"])
     assert runs_on_several_devices(["fit", "--trainer.strategy=ddp_find_unused_parameters_true"])
     assert runs_on_several_devices(["fit", "--trainer.devices", "0,1"])
+    assert runs_on_several_devices(["fit", "--trainer.devices", "[0, 1]"])
+    assert runs_on_several_devices(["fit", "--trainer.num_nodes", "2"])
+    assert not runs_on_several_devices(["fit", "--trainer.devices", "1", "--trainer.num_nodes", "1"])
+    assert not runs_on_several_devices(["fit", "--trainer.accelerator", "cpu", "--trainer.devices", "auto"])
 
 
 def test_nested_keys_and_the_fast_path_choice():

@@ -147,6 +147,15 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
     ]  # fmt: skip
 
 
+def looped_expert_layers(model: nn.Module) -> int:
+    """MoE layers that run transformers' per-expert loop with trainable expert weights: an expert no token picked
+    in a micro-batch gets no gradient there (the grouped layers' stacked weights always get one)."""
+    return sum(
+        "moe" not in vars(layer) and any(p.requires_grad for p in layer.experts.parameters())
+        for layer in moe_layers(model)
+    )
+
+
 def patch_grouped_experts(model: nn.Module) -> int:
     """Switch every MoE layer of `model` to grouped experts; returns how many were switched."""
     layers = moe_layers(model)
