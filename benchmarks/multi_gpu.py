@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,33 +112,49 @@ def killed_and_resumed(args: argparse.Namespace, work: Path) -> list[float]:
     return scalars(logs / "lightning_logs/version_0")["train/loss"]
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict:
-    rows = [speed_row(args, path, devices, work) for path in args.paths for devices in (1, 2)]
+def scaling(rows: list[dict]) -> dict[str, float]:
+    """Per path: 2-GPU samples/s over twice the 1-GPU figure."""
     speed = {(r["path"], r["gpus"]): r["samples_per_s"] for r in rows}
-    adapter = work / "fast1/lightning_logs/version_0/lora_model"
-    straight = next(r["losses"] for r in rows if (r["path"], r["gpus"]) == ("fast", 2))
-    resumed = killed_and_resumed(args, work)
-    return {
-        "device": "cpu (tiny TEST STAND-IN)" if args.tiny else torch.cuda.get_device_name(),
-        "commit": commit(), "steps": args.steps, "micro_batch": MICRO, "accumulation": ACCUMULATION, "rows": rows,
-        "scaling_efficiency": {p: speed[p, 2] / (2 * speed[p, 1]) for p in args.paths},
-        "val_split": args.val_split, "val_cer_1gpu": validate_cer(args, adapter, 1, work),
-        "val_cer_2gpu": validate_cer(args, adapter, 2, work), "resume_killed_at_step": KILL_AT,
-        "resume_losses": resumed, "resume_max_loss_diff": max(abs(a - b) for a, b in zip(resumed, straight)),
-        "resume_losses_equal": resumed == straight,
-    }  # fmt: skip
+    return {p: speed[p, 2] / (2 * speed[p, 1]) for p, gpus in speed if gpus == 2 and (p, 1) in speed}
+
+
+def measure(args: argparse.Namespace, work: Path, data: dict, save: Callable[[dict], None]) -> None:
+    """The stages asked for, into `data` (same-named rows replaced), saved after each: a later failure keeps them."""
+    device = "cpu (tiny TEST STAND-IN)" if args.tiny else torch.cuda.get_device_name()
+    for path in args.paths if "speed" in args.stages else []:
+        for devices in (1, 2):
+            row = speed_row(args, path, devices, work) | {"device": device, "commit": commit(), "steps": args.steps}
+            data["rows"] = [r for r in data["rows"] if (r["path"], r["gpus"]) != (path, devices)] + [row]
+            data |= {"device": device, "commit": commit(), "micro_batch": MICRO, "accumulation": ACCUMULATION}
+            data["scaling_efficiency"] = scaling(data["rows"])
+            save(data)
+    if "cer" in args.stages:
+        adapter = work / "fast1/lightning_logs/version_0/lora_model"
+        data |= {"val_split": args.val_split, "val_cer_1gpu": validate_cer(args, adapter, 1, work),
+                 "val_cer_2gpu": validate_cer(args, adapter, 2, work)}  # fmt: skip
+        save(data)
+    if "resume" in args.stages:
+        straight = next(r["losses"] for r in data["rows"] if (r["path"], r["gpus"]) == ("fast", 2))
+        resumed = killed_and_resumed(args, work)
+        data |= {"resume_killed_at_step": KILL_AT, "resume_losses": resumed,
+                 "resume_max_loss_diff": max(abs(a - b) for a, b in zip(resumed, straight)),
+                 "resume_losses_equal": resumed == straight}  # fmt: skip
+        save(data)
 
 
 def table(data: dict) -> str:
-    lines = ["| path | GPUs | samples/s | s/step | scaling |", "|---|---|---|---|---|"]
+    lines = ["| path | GPUs | steps | samples/s | s/step | scaling |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        scaling = f"{100 * data['scaling_efficiency'][r['path']]:.0f} %" if r["gpus"] == 2 else ""
-        lines.append(f"| {r['path']} | {r['gpus']} | {r['samples_per_s']:.2f} | {r['median_step_s']:.3f} | {scaling} |")
-    lines.append(
-        f"\nval/cer on {data['val_split']}: 1 GPU {data['val_cer_1gpu']:.6f}, 2 GPUs {data['val_cer_2gpu']:.6f}"
-    )
-    lines.append(f"kill -9 after step {data['resume_killed_at_step']}, resume: losses equal the uninterrupted run's: "
-                 f"{data['resume_losses_equal']} (max diff {data['resume_max_loss_diff']:.2e})")  # fmt: skip
+        efficiency = data.get("scaling_efficiency", {}).get(r["path"])
+        scaling = f"{100 * efficiency:.0f} %" if r["gpus"] == 2 and efficiency else ""
+        lines.append(f"| {r['path']} | {r['gpus']} | {r['steps']} | {r['samples_per_s']:.2f} | {r['median_step_s']:.3f} "
+                     f"| {scaling} |")  # fmt: skip
+    if "val_cer_2gpu" in data:
+        lines.append(f"\nval/cer on {data['val_split']}: 1 GPU {data['val_cer_1gpu']:.6f}, "
+                     f"2 GPUs {data['val_cer_2gpu']:.6f}")  # fmt: skip
+    if "resume_losses_equal" in data:
+        lines.append(f"kill -9 after step {data['resume_killed_at_step']}, resume: losses equal the uninterrupted "
+                     f"run's: {data['resume_losses_equal']} (max diff {data['resume_max_loss_diff']:.2e})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -162,6 +179,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["fast", "loop"], choices=list(STRATEGY))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--val-split", default="test[:31]")
+    parser.add_argument("--stages", nargs="+", default=["speed", "cer", "resume"], choices=["speed", "cer", "resume"])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -169,11 +187,14 @@ def main() -> None:
         tiny_inputs(args)
     json_path = args.json or ROOT / "benchmarks/results" / ("multi_gpu_tiny.json" if args.tiny else "multi_gpu.json")
     work = Path(args.model_dir).parent / "multi_gpu_runs" if args.tiny else Path(f"/tmp/multi_gpu_{os.getpid()}")
-    data = measure(args, work)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(data, indent=1) + "\n")
-    logging_table = table(data)
-    sys.stdout.write(logging_table + "\n")
+    data = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
+
+    def save(data: dict) -> None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        print(table(data), flush=True)
+
+    measure(args, work, data, save)
 
 
 if __name__ == "__main__":
