@@ -7,7 +7,8 @@ MODEL_DIR: the random-weight full-size checkpoint (benchmarks/build_random_check
 of synthetic lines (see train_speed.py). Each run is `python -m dsocr_lightning` in its own process(es), on unshuffled
 lines, at the guide's settings per device (micro-batch 2 x accumulation 4, gradient checkpointing): the global batch
 grows with the devices, as a user scales out. Paths: `fast` (grouped experts, plain `ddp`) and `loop` (transformers'
-per-expert loop, `ddp_find_unused_parameters_true`: an idle expert gets no gradient there). Then, on the fast path:
+per-expert loop, `ddp_find_unused_parameters_true`: an idle expert gets no gradient there), the transformers backend,
+the same strategy on 1 GPU as on 2 (so the scaling is that of the second GPU). Then, on the fast path:
 `validate` of the 1-GPU run's adapter on 1 and on 2 GPUs (an odd number of lines: a padding sampler would count one
 twice), and a 2-GPU fit killed with SIGKILL after its step-4 checkpoint, resumed with `--ckpt_path last`, its losses
 against the uninterrupted 2-GPU run's. `--tiny` does all of it on the CPU with the TEST STAND-IN (its speeds say
@@ -56,7 +57,7 @@ def fit_command(args: argparse.Namespace, path: str, devices: int, logs: Path, *
         "--model.adapter_dir", "null", "--data.train_split", "train", "--data.val_split", "null",
         "--trainer.limit_val_batches", "0", "--trainer.max_steps", str(args.steps),
         "--data.batch_size", str(MICRO), "--trainer.accumulate_grad_batches", str(ACCUMULATION),
-        "--model.gradient_checkpointing", str(not args.tiny).lower(), "--trainer.strategy", STRATEGY[path],
+        "--model.gradient_checkpointing", str(args.checkpointing and not args.tiny).lower(), "--trainer.strategy", STRATEGY[path], "--model.backend", "transformers",
         *(LOOP if path == "loop" else []), *extra,
     ]  # fmt: skip
 
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--val-split", default="test[:31]")
     parser.add_argument("--stages", nargs="+", default=["speed", "cer", "resume"], choices=["speed", "cer", "resume"])
+    parser.add_argument("--checkpointing", type=lambda v: v == "true", default=True, help="gradient checkpointing")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

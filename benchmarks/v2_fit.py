@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny TEST STAND-IN")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20, 3 with --tiny)")
     parser.add_argument("--lines", type=int, default=None, help="training lines to render (default: 8 per step)")
+    parser.add_argument("--lines-from", help="an imagefolder of lines to copy instead of rendering them")
     parser.add_argument("--experts", nargs="+", default=None, help="experts_implementation values to run ours with")
     parser.add_argument("--json", default=None)
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
@@ -165,13 +168,17 @@ def main() -> None:
         return run_reference(args)
     work = Path(args.work)
     build_model(work / "model", args.tiny)
+    if args.lines_from and not (work / "lines").exists():  # e.g. lines rendered where there is a Persian font
+        shutil.copytree(args.lines_from, work / "lines")
     if not (work / "lines").exists():
         from dsocr_lightning.render import write_imagefolder
 
         write_imagefolder(work / "lines", {"train": args.lines or 8 * args.steps}, seed=7)
     experts = args.experts or (["grouped_mm"] if args.tiny else ["grouped_mm", "batched_mm", "eager"])
     ours = {name: our_fit(args, work / "model", work / "lines", name) for name in experts}
-    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT)
+    # one GPU: on a host with several, HF Trainer would wrap the model in DataParallel (PEFT's parametrized experts fail)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT, env=env)
     reference = json.loads((work / "reference.json").read_text())
     write_result(args, ours, reference)
 

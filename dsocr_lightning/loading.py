@@ -65,12 +65,13 @@ def run_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | None = None,
+def resolve_backend(backend: Backend, data_parallel: bool = False, fast: FastPaths | None = None,
                     dtype: torch.dtype | None = None) -> str:  # fmt: skip
     """auto = transformers + peft with grouped experts wherever they run natively (bf16 on Hopper and newer, or the
     CPU): the fastest path measured (benchmarks/README.md); otherwise Unsloth when a CUDA GPU and Unsloth are both
-    there and the run is on one device; else transformers + peft (the backend that runs data-parallel here)."""
-    if backend == "unsloth" and world_size > 1:
+    there and the run is not data-parallel (a DDP strategy, even on one device); else transformers + peft (the backend
+    that runs data-parallel here)."""
+    if backend == "unsloth" and data_parallel:
         raise ValueError("backend 'unsloth' runs on one GPU here; use backend 'transformers' (or auto) with DDP")
     if backend == "unsloth" and not torch.cuda.is_available():
         raise RuntimeError("backend 'unsloth' needs an NVIDIA GPU; use backend 'transformers' on this machine")
@@ -79,11 +80,11 @@ def resolve_backend(backend: Backend, world_size: int = 1, fast: FastPaths | Non
     if backend != "auto":
         return backend
     dtype = dtype or resolve_dtype("auto")
-    single, grouped = world_size == 1, grouped_experts_apply(fast or FastPaths(), run_device(), dtype)
+    single, grouped = not data_parallel, grouped_experts_apply(fast or FastPaths(), run_device(), dtype)
     unsloth = single and not grouped and torch.cuda.is_available() and unsloth_available()
     chosen = "unsloth" if unsloth else "transformers"
     why = f"grouped experts={grouped}, cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, " \
-          f"devices={world_size}"  # fmt: skip
+          f"data-parallel={data_parallel}"  # fmt: skip
     rank_zero_info(f"backend auto -> {chosen} ({why})")
     return chosen
 
@@ -104,7 +105,7 @@ def require_trust(settings: LoadSettings) -> None:
 def load_model(
     settings: LoadSettings,
     lora: LoraSettings,
-    world_size: int = 1,
+    data_parallel: bool = False,
     device: torch.device | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any, str]:
@@ -115,7 +116,7 @@ def load_model(
     check_model_source(settings.model_name_or_path, settings.revision)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     compute_dtype = compute_dtype or resolve_dtype(settings.dtype)
-    backend = resolve_backend(settings.backend, world_size, settings.fast, compute_dtype)
+    backend = resolve_backend(settings.backend, data_parallel, settings.fast, compute_dtype)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))

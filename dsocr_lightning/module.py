@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, SumMetric
@@ -141,7 +142,7 @@ class DeepSeekOCRModule(L.LightningModule):
             self.model, self.tokenizer, self.backend = load_model(
                 self.load_settings,
                 self.lora,
-                self.trainer.world_size,
+                self.data_parallel,
                 self.trainer.strategy.root_device,
                 AUTOCAST_DTYPES.get(str(self.trainer.precision)),
             )
@@ -150,6 +151,11 @@ class DeepSeekOCRModule(L.LightningModule):
             # what HF Trainer gives the reference (LoRA dropout, gradient checkpointing); the evaluation loops
             # switch to eval mode and back themselves.
             self.model.train()
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether gradients go through DDP (or another parallel strategy): also on one device with a DDP strategy."""
+        return self.trainer.world_size > 1 or isinstance(self.trainer.strategy, ParallelStrategy)
 
     def on_fit_start(self) -> None:
         check_data_parallel(self.trainer.strategy.model, self.model)
@@ -188,7 +194,7 @@ class DeepSeekOCRModule(L.LightningModule):
         gradients with this rank's zeros)."""
         self.train_loss.update(torch.zeros((), device=self.device), weight=0.0)
         self.nonfinite_skips.update(float(nonfinite))
-        if self.trainer.world_size == 1:
+        if not self.data_parallel:
             return None
         return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
 

@@ -134,7 +134,9 @@ def checkpoint_version(name_or_path: str, revision: str | None = None, adapter_p
 
 
 # ---- dispatch: the few places where the two versions part --------------------------------------------------------
-def load_model(settings: Any, lora: Any, world_size: int = 1, device: Any = None, compute_dtype: Any = None) -> Any:
+def load_model(
+    settings: Any, lora: Any, data_parallel: bool = False, device: Any = None, compute_dtype: Any = None
+) -> Any:
     """(peft model, tokenizer or processor, backend) for the checkpoint's version (see loading.load_model)."""
     version = checkpoint_version(settings.model_name_or_path, settings.revision, settings.adapter_path)
     if version == "v2":
@@ -143,7 +145,7 @@ def load_model(settings: Any, lora: Any, world_size: int = 1, device: Any = None
         return load_v2(settings, lora, device, compute_dtype)
     from .loading import load_model as load_v1
 
-    return load_v1(settings, lora, world_size, device, compute_dtype)
+    return load_v1(settings, lora, data_parallel, device, compute_dtype)
 
 
 def load_text_side(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:

@@ -134,15 +134,24 @@ def test_unsloth_without_a_gpu():
 
 
 def test_auto_never_picks_unsloth_for_several_devices(monkeypatch):
-    """Unsloth has no data-parallel path here (it would hang or fail at the first collective): auto takes
-    transformers + peft on several devices even where Unsloth is there and would be chosen on one."""
+    """Unsloth has no data-parallel path here (it fails in DDP's reducer, also under a DDP strategy on one GPU): auto
+    takes transformers + peft under DDP even where Unsloth is there and would be chosen on one device."""
     from dsocr_lightning import loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(loading, "unsloth_available", lambda: True)
     monkeypatch.setattr(loading, "grouped_experts_apply", lambda *args: False)
-    assert resolve_backend("auto", 1, dtype=torch.bfloat16) == "unsloth"
-    assert resolve_backend("auto", 2, dtype=torch.bfloat16) == "transformers"
+    assert resolve_backend("auto", False, dtype=torch.bfloat16) == "unsloth"
+    assert resolve_backend("auto", True, dtype=torch.bfloat16) == "transformers"
+
+
+def test_a_ddp_strategy_on_one_device_is_data_parallel(standin_dir, lines_dir):
+    cli = main(fit_args(standin_dir, lines_dir, "--trainer.strategy", "ddp", "--trainer.devices", "1")[1:], run=False)
+    cli.model.trainer = cli.trainer
+    assert cli.trainer.world_size == 1 and cli.model.data_parallel
+    cli = main(fit_args(standin_dir, lines_dir)[1:], run=False)
+    cli.model.trainer = cli.trainer
+    assert not cli.model.data_parallel
 
 
 def test_plain_ddp_with_the_per_expert_loop_says_which_strategy(standin_dir, lines_dir):

@@ -219,7 +219,7 @@ def test_grouped_experts_run_only_where_torch_has_a_native_kernel(monkeypatch, r
     assert patched == (kind == "native"), lines
     assert ("per-expert loop" in lines[0]) == (kind == "slow")
     # backend auto: the grouped path where it runs natively, else Unsloth (the T4's fastest measured path)
-    assert resolve_backend("auto", 1, FastPaths(), dtype) == ("transformers" if kind == "native" else "unsloth")
+    assert resolve_backend("auto", False, FastPaths(), dtype) == ("transformers" if kind == "native" else "unsloth")
 
 
 def test_checkpoint_weights_split_back_into_peft_names(real_routing_dir):
