@@ -1,15 +1,31 @@
-"""New tokens per second of batched greedy generation (the validation / predict path) for several batch sizes.
+"""Decoding speed on the validation / predict path: new tokens/s per batch size, greedy tokens against the
+model's own expert loop, and `predict` end to end, into one JSON.
 
-python benchmarks/generation_speed.py MODEL_DIR DATA_DIR --batch-sizes 1 8 32 --max-new-tokens 64
-With random weights no line ends early, so every row generates batch x max-new-tokens tokens.
+python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64] [--max-new-tokens 64] [--loop]
+    [--same-tokens 64] [--predict-lines 1000] [--json benchmarks/results/decode_speed.json]
+
+MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py); LINES_DIR: an imagefolder of lines
+(its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
+weights no line ends early, so every row generates batch x max-new-tokens tokens; times include the prefill with
+the vision towers. `--same-tokens N`: the first 32 greedy tokens of N lines, grouped experts against transformers'
+loop (each loaded in turn), and the fraction of lines whose 32 tokens are all equal. `--predict-lines N`:
+`python -m dsocr_lightning predict --config configs/h100.yaml` over N images of LINES_DIR/train, wall time of the
+whole process (load included) and of its prediction loop (from the run's log).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from common import ROOT, commit
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from dsocr_lightning.data import OCRDataModule
@@ -17,46 +33,128 @@ from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.generation import GenerationSettings, generate_tokens
 from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model, set_inference
 
-
-def timed_generate(model, tokenizer, batch, settings) -> tuple[float, int]:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        new = generate_tokens(model, tokenizer, batch, settings)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, int((new != tokenizer.pad_token_id).sum())
+CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-in): its speeds say nothing
+DEVICE = "cuda" if CUDA else "cpu"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("data_dir")
-    parser.add_argument("--backend", default="transformers")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of grouped experts")
-    args = parser.parse_args()
-
-    fast = FastPaths(grouped_experts=not args.loop)
-    settings = LoadSettings(args.model_dir, args.backend, trust_remote_code=True, fast=fast)
+def load(model_dir: str, loop: bool) -> tuple:
+    settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, fast=FastPaths(grouped_experts=not loop))
     model, tokenizer, backend = load_model(settings, LoraSettings())
-    model = model.cuda().eval()
+    model = model.to(DEVICE).eval()
     set_inference(model, backend, True)
+    return model, tokenizer
+
+
+def line_batches(args: argparse.Namespace) -> tuple:
+    """(collate, samples) of the training lines, as validation collates them."""
     data = OCRDataModule(args.data_dir, "imagefolder", "train", None, image_column="image",
                          tokenizer_name_or_path=args.model_dir, trust_remote_code=True)  # fmt: skip
     data.setup("fit")
-    collate, samples = data.collator(True), data.datasets["train"]
+    return data.collator(True), data.datasets["train"]
+
+
+def batch_of(collate, samples, indices) -> dict:
+    batch = move_data_to_device(collate([samples[i] for i in indices]), DEVICE)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    batch["images"] = [(c.to(dtype), g.to(dtype)) for c, g in batch["images"]]
+    return batch
+
+
+def timed_generate(model, tokenizer, batch: dict, new_tokens: int) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize() if CUDA else None
+    start = time.perf_counter()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+        new = generate_tokens(model, tokenizer, batch, GenerationSettings(new_tokens))
+    torch.cuda.synchronize() if CUDA else None
+    return time.perf_counter() - start, new
+
+
+def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list[dict]:
+    path = "expert loop" if args.loop else "grouped experts"
     rows = []
     for size in args.batch_sizes:
-        batch = move_data_to_device(collate([samples[i] for i in range(size)]), "cuda")
-        batch["images"] = [(c.bfloat16(), g.bfloat16()) for c, g in batch["images"]]
-        timed_generate(model, tokenizer, batch, GenerationSettings(4))  # warm-up
-        seconds, tokens = timed_generate(model, tokenizer, batch, GenerationSettings(args.max_new_tokens))
-        how = "expert loop" if args.loop else "grouped experts"
-        rows.append(f"| {backend}, {how} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
-    print(f"| backend | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")
+        batch = batch_of(*lines, range(size))
+        timed_generate(model, tokenizer, batch, 4)  # warm-up
+        seconds, new = timed_generate(model, tokenizer, batch, args.max_new_tokens)
+        tokens = int((new != tokenizer.pad_token_id).sum())
+        rows.append({"batch": size, "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                     "path": path})  # fmt: skip
+        print(f"| {path} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |", flush=True)
+    return rows
+
+
+def first_tokens(model, tokenizer, lines: tuple, count: int, batch: int = 16) -> torch.Tensor:
+    """The first 32 greedy tokens of `count` lines, `[count, 32]`."""
+    parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count))), 32)[1].cpu()
+             for i in range(0, count, batch)]  # fmt: skip
+    return torch.cat(parts)
+
+
+def same_tokens_fraction(args: argparse.Namespace, lines: tuple, grouped: torch.Tensor) -> float:
+    """Fraction of lines whose first 32 tokens from transformers' loop equal the grouped experts'."""
+    model, tokenizer = load(args.model_dir, loop=True)
+    loop = first_tokens(model, tokenizer, lines, len(grouped))
+    del model
+    return (loop == grouped).all(dim=1).float().mean().item()
+
+
+CPU_FLAGS = (
+    [] if CUDA else ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.num_workers", "0"]
+)
+
+
+def predict_speed(args: argparse.Namespace) -> dict:
+    """`python -m dsocr_lightning predict` over `args.predict_lines` images: lines/s end to end and in its loop."""
+    with tempfile.TemporaryDirectory() as work:
+        inputs = Path(work) / "images"
+        inputs.mkdir()
+        for image in sorted((Path(args.data_dir) / "train").glob("*.png"))[: args.predict_lines]:
+            (inputs / image.name).symlink_to(image.resolve())
+        command = [sys.executable, "-m", "dsocr_lightning", "predict", "--config", str(ROOT / "configs/h100.yaml"),
+                   "--model.model_name_or_path", args.model_dir, "--model.backend", "transformers", *CPU_FLAGS,
+                   "--model.generation.max_new_tokens", str(args.max_new_tokens), "--data.predict_inputs",
+                   f"[{inputs}/]", "--prediction_writer.output", f"{work}/out.jsonl", "--trainer.enable_progress_bar",
+                   "false", "--trainer.logger.init_args.save_dir", work]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        lines = len(Path(f"{work}/out.jsonl").read_text().splitlines())
+    loop = re.search(r"predictions: (\d+) lines written to .* in ([\d.]+) s", done.stdout + done.stderr)
+    return {"predict_lines": lines, "predict_wall_s": wall, "predict_lines_per_s": lines / wall,
+            "predict_loop_lines_per_s": int(loop[1]) / float(loop[2]) if loop else None}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("data_dir")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of grouped experts")
+    parser.add_argument("--same-tokens", type=int, default=0, help="lines to compare with the loop (0: skip)")
+    parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
+    args = parser.parse_args()
+    lines = line_batches(args)
+    model, tokenizer = load(args.model_dir, args.loop)
+    print(f"| path | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")
     print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    result = {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)",
+        "commit": commit(),
+        "rows": speed_rows(model, tokenizer, lines, args),
+    }
+    if args.same_tokens:
+        grouped = first_tokens(model, tokenizer, lines, args.same_tokens)
+        del model
+        torch.cuda.empty_cache() if CUDA else None
+        result["same_tokens_fraction"] = same_tokens_fraction(args, lines, grouped)
+        result["same_tokens_lines"] = args.same_tokens
+    if args.predict_lines:
+        result |= predict_speed(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             output: the JSONL file to write (one line per image, in input order).
         """
         super().__init__(write_interval="batch")
-        self.output, self.file, self.lines, self.errors = output, None, 0, 0
+        self.output, self.file, self.lines, self.errors, self.start = output, None, 0, 0, 0.0
 
     def path_for(self, trainer: Any) -> Path:
         path = Path(self.output)
@@ -74,6 +75,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         path = self.partial_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file, self.lines, self.errors = path.open("w", encoding="utf-8"), 0, 0
+        self.start = time.perf_counter()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for record in prediction or []:
@@ -86,7 +88,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         target = self.path_for(trainer)
         os.replace(self.partial_path(trainer), target)
         errors = f', {self.errors} of them unusable images (lines with an "error" field)' if self.errors else ""
-        log.info("predictions: %d lines written to %s%s", self.lines, target, errors)
+        seconds = time.perf_counter() - self.start
+        log.info("predictions: %d lines written to %s in %.1f s (%.1f lines/s)%s", self.lines, target, seconds,
+                 self.lines / max(seconds, 1e-9), errors)  # fmt: skip
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.file is not None:
