@@ -10,9 +10,10 @@ grows with the devices, as a user scales out. Paths: `fast` (grouped experts, pl
 per-expert loop, `ddp_find_unused_parameters_true`: an idle expert gets no gradient there), the transformers backend,
 the same strategy on 1 GPU as on 2 (so the scaling is that of the second GPU). Then, on the fast path:
 `validate` of the 1-GPU run's adapter on 1 and on 2 GPUs (an odd number of lines: a padding sampler would count one
-twice), and a 2-GPU fit killed with SIGKILL after its step-4 checkpoint, resumed with `--ckpt_path last`, its losses
-against the uninterrupted 2-GPU run's. `--tiny` does all of it on the CPU with the TEST STAND-IN (its speeds say
-nothing about GPUs) and writes benchmarks/results/multi_gpu_tiny.json.
+twice), a 2-GPU fit killed with SIGKILL after its step-4 checkpoint, resumed with `--ckpt_path last`, its losses
+against the uninterrupted 2-GPU run's, and (`repeat`) that uninterrupted run again: how far two runs differ anyway.
+`--tiny` does all of it on the CPU with the TEST STAND-IN (its speeds say nothing about GPUs) and writes
+benchmarks/results/multi_gpu_tiny.json.
 """
 
 from __future__ import annotations
@@ -135,12 +136,22 @@ def measure(args: argparse.Namespace, work: Path, data: dict, save: Callable[[di
                  "val_cer_2gpu": validate_cer(args, adapter, 2, work)}  # fmt: skip
         save(data)
     if "resume" in args.stages:
-        straight = next(r["losses"] for r in data["rows"] if (r["path"], r["gpus"]) == ("fast", 2))
-        resumed = killed_and_resumed(args, work)
+        straight, resumed = straight_losses(data), killed_and_resumed(args, work)
         data |= {"resume_killed_at_step": KILL_AT, "resume_losses": resumed,
                  "resume_max_loss_diff": max(abs(a - b) for a, b in zip(resumed, straight)),
                  "resume_losses_equal": resumed == straight}  # fmt: skip
         save(data)
+    if "repeat" in args.stages:  # the noise floor of the resume comparison: an uninterrupted run again
+        logs = work / "repeat"
+        run(fit_command(args, "fast", 2, logs), logs / "run.log")
+        again = scalars(logs / "lightning_logs/version_0")["train/loss"]
+        data["repeat_max_loss_diff"] = max(abs(a - b) for a, b in zip(again, straight_losses(data)))
+        save(data)
+
+
+def straight_losses(data: dict) -> list[float]:
+    """The uninterrupted 2-GPU fast run's losses (its speed row)."""
+    return next(r["losses"] for r in data["rows"] if (r["path"], r["gpus"]) == ("fast", 2))
 
 
 def table(data: dict) -> str:
@@ -153,6 +164,8 @@ def table(data: dict) -> str:
     if "val_cer_2gpu" in data:
         lines.append(f"\nval/cer on {data['val_split']}: 1 GPU {data['val_cer_1gpu']:.6f}, "
                      f"2 GPUs {data['val_cer_2gpu']:.6f}")  # fmt: skip
+    if "repeat_max_loss_diff" in data:
+        lines.append(f"an uninterrupted 2-GPU run again: max loss diff {data['repeat_max_loss_diff']:.2e}")
     if "resume_losses_equal" in data:
         lines.append(f"kill -9 after step {data['resume_killed_at_step']}, resume: losses equal the uninterrupted "
                      f"run's: {data['resume_losses_equal']} (max diff {data['resume_max_loss_diff']:.2e})")  # fmt: skip
@@ -180,7 +193,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["fast", "loop"], choices=list(STRATEGY))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--val-split", default="test[:31]")
-    parser.add_argument("--stages", nargs="+", default=["speed", "cer", "resume"], choices=["speed", "cer", "resume"])
+    parser.add_argument("--stages", nargs="+", default=["speed", "cer", "resume", "repeat"],
+                        choices=["speed", "cer", "resume", "repeat"])  # fmt: skip
     parser.add_argument("--checkpointing", type=lambda v: v == "true", default=True, help="gradient checkpointing")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
