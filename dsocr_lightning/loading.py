@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .checks import check_model_source, check_trust
+from .checks import check_adapter, check_model_source, check_trust
 from .fast import FastPaths, apply_fast_paths, grouped_experts_apply
 
 log = logging.getLogger(__name__)
@@ -149,21 +149,12 @@ def absolute_source(name_or_path: str) -> str:
 def load_adapter_weights(model: Any, adapter_path: str) -> None:
     """Put a saved PEFT adapter's weights into the freshly made LoRA layers (the same code path for both
     backends); its rank and targets must be the ones configured."""
-    import json
-    from pathlib import Path
-
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(adapter_path)
-    saved = json.loads((folder / "adapter_config.json").read_text())
     config = model.peft_config["default"]
-    if saved["r"] != config.r or set(saved["target_modules"]) != set(config.target_modules):
-        raise ValueError(
-            f"adapter {adapter_path} has r={saved['r']} on {sorted(saved['target_modules'])}; the model is set up "
-            f"with r={config.r} on {sorted(config.target_modules)}: set model.lora to match"
-        )
-    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    check_adapter(adapter_path, config.r, list(config.target_modules))  # the CLI's preflight check, for every caller
+    result = set_peft_model_state_dict(model, load_file(Path(adapter_path) / "adapter_model.safetensors"))
     if result.unexpected_keys:
         raise ValueError(f"adapter {adapter_path} has weights the model lacks: {result.unexpected_keys[:5]}")
     rank_zero_info(f"loaded LoRA adapter weights from {adapter_path}")
