@@ -37,11 +37,20 @@ def base_folder(base_model: str, revision: str | None) -> Path:
     return Path(snapshot_download(base_model, allow_patterns=["*.py", "*.json"], revision=revision))
 
 
-def export_version(adapter: str, base_model: str | None, revision: str | None) -> str:
+def read_fit_checkpoint(adapter: str) -> dict[str, Any] | None:
+    """The fit checkpoint `adapter` names (LoRA weights and hyper-parameters), read once; None for a folder."""
+    path = Path(adapter)
+    return (
+        torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".ckpt" and path.is_file() else None
+    )
+
+
+def export_version(
+    adapter: str, checkpoint: dict[str, Any] | None, base_model: str | None, revision: str | None
+) -> str:
     """v1 or v2 for an adapter folder or a fit checkpoint, checked against this environment before any weights."""
-    if Path(adapter).suffix == ".ckpt" and Path(adapter).is_file():
-        hparams = torch.load(adapter, map_location="cpu", weights_only=True)["hyper_parameters"]
-        return checkpoint_version(base_model or hparams["model_name_or_path"], revision)
+    if checkpoint is not None:
+        return checkpoint_version(base_model or checkpoint["hyper_parameters"]["model_name_or_path"], revision)
     version = adapter_version(adapter, revision)
     require_environment(version, f"adapter {adapter!r}")
     return version
@@ -68,7 +77,8 @@ def export(
         revision: hub revision of the base.
         max_shard_size: largest safetensors file written (saving holds about one shard in memory at a time).
     """
-    version = export_version(adapter, base_model, revision)
+    checkpoint = read_fit_checkpoint(adapter)
+    version = export_version(adapter, checkpoint, base_model, revision)
     if version == "v2":  # transformers' own DeepSeek-OCR 2: no remote code
         if Path(adapter).suffix == ".ckpt":
             raise ConfigError("a DeepSeek-OCR 2 export takes an adapter folder (lora_model or lora_model_best)")
@@ -77,7 +87,7 @@ def export(
         return export_v2(adapter, out_dir, base_model, dtype, revision)
     if not trust_remote_code:
         raise ConfigError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
-    source = AdapterSource.open(adapter, base_model)
+    source = AdapterSource.open(adapter, base_model, checkpoint)
     peft_model = source.peft_model(revision)
     report_rounding(merge_lora_layers(peft_model, getattr(torch, dtype)), dtype)
     merged = peft_model.unload().to(getattr(torch, dtype))  # LoRA layers out (already merged), the rest converted
@@ -97,10 +107,10 @@ class AdapterSource:
         self.path, self.base, self.checkpoint = path, base, checkpoint
 
     @classmethod
-    def open(cls, adapter: str, base_model: str | None) -> AdapterSource:
+    def open(cls, adapter: str, base_model: str | None, checkpoint: dict[str, Any] | None) -> AdapterSource:
+        """`checkpoint`: the fit checkpoint `adapter` names, as `read_fit_checkpoint` read it (None for a folder)."""
         path = Path(adapter)
-        if path.is_file() and path.suffix == ".ckpt":
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint is not None:
             base = base_model or checkpoint["hyper_parameters"]["model_name_or_path"]
             return cls(path, base, checkpoint)
         if not (path / "adapter_config.json").is_file():
