@@ -1,4 +1,5 @@
-"""What every benchmark result records: the commit it was measured at (with +dirty for uncommitted changes)."""
+"""What the benchmarks share: the commit a result was measured at (with +dirty for uncommitted changes), and the
+scalars a run logged to TensorBoard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 3  # optimizer steps left out of speed medians (kernel selection, compilation, allocator warm-up)
 
 
 def commit() -> str:
@@ -19,3 +21,12 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def scalars(log_dir: str | Path) -> dict[str, list[float]]:
+    """Every scalar tag of a run's TensorBoard events -> its values in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -30,8 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import ROOT, commit
-from train_speed import WARMUP, scalars
+from common import ROOT, WARMUP, commit, scalars
 
 MICRO, ACCUMULATION, KILL_AT = 2, 4, 4
 STRATEGY = {"fast": "ddp", "loop": "ddp_find_unused_parameters_true"}

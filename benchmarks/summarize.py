@@ -8,20 +8,15 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-
-def series(events: EventAccumulator, tag: str) -> list[float]:
-    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+from common import scalars
 
 
 def row(name: str, log_dir: str, skip: int) -> str:
-    events = EventAccumulator(log_dir)
-    events.Reload()
-    losses = series(events, "train/loss")
-    steps = series(events, "perf/step_seconds")[skip:]
-    speed = series(events, "perf/samples_per_s")[skip:]
-    alloc, reserved = series(events, "perf/peak_allocated_gib"), series(events, "perf/peak_reserved_gib")
+    values = scalars(log_dir)
+    losses = values.get("train/loss", [])
+    steps = values.get("perf/step_seconds", [])[skip:]
+    speed = values.get("perf/samples_per_s", [])[skip:]
+    alloc, reserved = values.get("perf/peak_allocated_gib", []), values.get("perf/peak_reserved_gib", [])
     first = ", ".join(f"{v:.4f}" for v in losses[:3])
     return (
         f"| {name} | {len(losses)} | {first} | {statistics.median(steps):.3f} | {statistics.median(speed):.2f} "
@@ -40,6 +35,4 @@ if __name__ == "__main__":
     )
     print("|---|---|---|---|---|---|---|")
     print(row(args.name, args.log_dir, args.skip))
-    events = EventAccumulator(args.log_dir)
-    events.Reload()
-    print("losses:", " ".join(f"{v:.4f}" for v in series(events, "train/loss")))
+    print("losses:", " ".join(f"{v:.4f}" for v in scalars(args.log_dir).get("train/loss", [])))

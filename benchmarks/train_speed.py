@@ -21,9 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, commit
+from common import ROOT, WARMUP, commit, scalars
 
-WARMUP = 3  # optimizer steps left out of the medians (compilation, allocator warm-up)
 GUIDE = ["--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.gradient_checkpointing", "true"]
 LOOP = ["--model.fast.grouped_experts", "false", "--model.fast.batched_vision", "false"]
 # name: (config, extra flags, micro-batch, accumulation, precision)
@@ -48,14 +47,6 @@ def fit_command(name: str, model: str, lines: str, steps: int, logs: str) -> lis
         "--trainer.logger.init_args.save_dir", logs, "--gpu_profile.batch", str(accumulation * (WARMUP + 1)),
         *extra,
     ]  # fmt: skip
-
-
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def our_row(name: str, log_dir: Path) -> dict:

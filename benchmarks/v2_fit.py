@@ -26,9 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, commit
-
-WARMUP = 3  # optimizer steps left out of the speed medians (kernel selection, allocator warm-up)
+from common import ROOT, WARMUP, commit, scalars
 
 
 def build_model(folder: Path, tiny: bool) -> None:
@@ -68,14 +66,6 @@ def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, 
         "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(logs),
     ]  # fmt: skip
-
-
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def our_fit(args: argparse.Namespace, model: Path, lines: Path, experts: str) -> dict:
