@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..export import report_rounding
+from ..folders import replaced_folder
 from .loading import peft_model_from_adapter
 from .lora import EXPERT_PARAMETERS, fuse_experts, split_experts
 
@@ -56,14 +55,9 @@ def export(adapter_dir: str, out_dir: str, base_model: str | None = None, dtype:
     merged = peft_model.merge_and_unload()
     fuse_experts(merged)
     merged = merged.to(saved_dtype)
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    merged.save_pretrained(tmp)
     processor_source = adapter if (adapter / "processor_config.json").exists() else base
-    AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    rank_zero_info(f"merged {adapter} into {base}: {target} ({dtype}, DeepSeek-OCR 2)")
-    return target
+    with replaced_folder(out_dir) as tmp:  # as v1's export: swapped in whole, no temporary folder left on failure
+        merged.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
+    rank_zero_info(f"merged {adapter} into {base}: {out_dir} ({dtype}, DeepSeek-OCR 2)")
+    return Path(out_dir)
