@@ -122,11 +122,12 @@ def scaling(rows: list[dict]) -> dict[str, float]:
 def measure(args: argparse.Namespace, work: Path, data: dict, save: Callable[[dict], None]) -> None:
     """The stages asked for, into `data` (same-named rows replaced), saved after each: a later failure keeps them."""
     device = "cpu (tiny TEST STAND-IN)" if args.tiny else torch.cuda.get_device_name()
+    measured_at = commit()  # once, before this script rewrites its (tracked) JSON, which would read as +dirty
     for path in args.paths if "speed" in args.stages else []:
         for devices in (1, 2):
-            row = speed_row(args, path, devices, work) | {"device": device, "commit": commit(), "steps": args.steps}
+            row = speed_row(args, path, devices, work) | {"device": device, "commit": measured_at, "steps": args.steps}
             data["rows"] = [r for r in data["rows"] if (r["path"], r["gpus"]) != (path, devices)] + [row]
-            data |= {"device": device, "commit": commit(), "micro_batch": MICRO, "accumulation": ACCUMULATION}
+            data |= {"device": device, "commit": measured_at, "micro_batch": MICRO, "accumulation": ACCUMULATION}
             data["scaling_efficiency"] = scaling(data["rows"])
             save(data)
     if "cer" in args.stages:

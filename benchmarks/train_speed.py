@@ -121,9 +121,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/train_speed.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    stamp = {"device": device, "commit": commit()}  # once: saving each row rewrites the tracked JSON (+dirty)
     with tempfile.TemporaryDirectory() as work:
         for name in args.runs:
-            row = run(name, args, Path(work)) | {"device": device, "commit": commit()}
+            row = run(name, args, Path(work)) | stamp
             data = save(args.json, [row])  # after every run: a later failure keeps what was measured
             print(table(data), flush=True)
 
