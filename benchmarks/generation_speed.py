@@ -1,14 +1,18 @@
-"""Decoding speed on the validation / predict path: new tokens/s per batch size, greedy tokens against the
-model's own expert loop, and `predict` end to end, into one JSON.
+"""Decoding speed on the validation / predict path: new tokens/s per batch size and decoding path, greedy tokens
+against plain `model.generate` of the model's own code, and `predict` end to end, into one JSON.
 
 python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64] [--max-new-tokens 64] [--loop]
-    [--same-tokens 64] [--predict-lines 1000] [--json benchmarks/results/decode_speed.json]
+    [--paths graphs generate] [--long 1024] [--same-tokens 64] [--predict-lines 1000]
+    [--json benchmarks/results/decode_speed.json]
 
 MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py); LINES_DIR: an imagefolder of lines
 (its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
 weights no line ends early, so every row generates batch x max-new-tokens tokens; times include the prefill with
-the vision towers. `--same-tokens N`: the first 32 greedy tokens of N lines, grouped experts against transformers'
-loop (each loaded in turn), and the fraction of lines whose 32 tokens are all equal. `--predict-lines N`:
+the vision towers, not a graph's capture (a warm-up call of the same shape runs first). `--paths`: the
+`decoding` settings to time (graphs: static KV cache + CUDA graphs, the default; generate: transformers'
+generate). `--long N`: batch 8 with N new tokens on the first path. `--same-tokens N`: the first 32 greedy tokens
+of N lines from the first path against plain `generate` with transformers' expert loop (the model's own code,
+loaded in turn), and the fraction of lines whose 32 tokens are all equal. `--predict-lines N`:
 `python -m dsocr_lightning predict --config configs/h100.yaml` over N images of LINES_DIR/train, wall time of the
 whole process (load included) and of its prediction loop (from the run's log).
 """
@@ -60,42 +64,49 @@ def batch_of(collate, samples, indices) -> dict:
     return batch
 
 
-def timed_generate(model, tokenizer, batch: dict, new_tokens: int) -> tuple[float, torch.Tensor]:
+def timed_generate(model, tokenizer, batch: dict, new_tokens: int, path: str) -> tuple[float, torch.Tensor]:
     torch.cuda.synchronize() if CUDA else None
     start = time.perf_counter()
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
-        new = generate_tokens(model, tokenizer, batch, GenerationSettings(new_tokens))
+        new = generate_tokens(model, tokenizer, batch, GenerationSettings(new_tokens, decoding=path))
     torch.cuda.synchronize() if CUDA else None
     return time.perf_counter() - start, new
 
 
+def speed_row(model, tokenizer, lines: tuple, size: int, new_tokens: int, path: str, experts: str) -> dict:
+    batch = batch_of(*lines, range(size))
+    timed_generate(model, tokenizer, batch, new_tokens, path)  # warm-up (and the graph's capture)
+    torch.cuda.reset_peak_memory_stats() if CUDA else None
+    seconds, new = timed_generate(model, tokenizer, batch, new_tokens, path)
+    tokens = int((new != tokenizer.pad_token_id).sum())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+    row = {"batch": size, "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "path": f"{path} ({experts})", "max_new_tokens": new_tokens, "peak_allocated_gib": peak}  # fmt: skip
+    print(f"| {row['path']} | {size} | {new_tokens} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} "
+          f"| {peak or 0:.2f} |", flush=True)  # fmt: skip
+    return row
+
+
 def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list[dict]:
-    path = "expert loop" if args.loop else "grouped experts"
-    rows = []
-    for size in args.batch_sizes:
-        batch = batch_of(*lines, range(size))
-        timed_generate(model, tokenizer, batch, 4)  # warm-up
-        seconds, new = timed_generate(model, tokenizer, batch, args.max_new_tokens)
-        tokens = int((new != tokenizer.pad_token_id).sum())
-        rows.append({"batch": size, "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                     "path": path})  # fmt: skip
-        print(f"| {path} | {size} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |", flush=True)
-    return rows
+    experts = "expert loop" if args.loop else "grouped experts"
+    runs = [(size, args.max_new_tokens, path) for path in args.paths for size in args.batch_sizes]
+    runs += [(8, args.long, args.paths[0])] if args.long else []
+    return [speed_row(model, tokenizer, lines, *run, experts) for run in runs]
 
 
-def first_tokens(model, tokenizer, lines: tuple, count: int, batch: int = 16) -> torch.Tensor:
+def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: int = 16) -> torch.Tensor:
     """The first 32 greedy tokens of `count` lines, `[count, 32]`."""
-    parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count))), 32)[1].cpu()
+    parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count))), 32, path)[1].cpu()
              for i in range(0, count, batch)]  # fmt: skip
     return torch.cat(parts)
 
 
-def same_tokens_fraction(args: argparse.Namespace, lines: tuple, grouped: torch.Tensor) -> float:
-    """Fraction of lines whose first 32 tokens from transformers' loop equal the grouped experts'."""
+def same_tokens_fraction(args: argparse.Namespace, lines: tuple, ours: torch.Tensor) -> float:
+    """Fraction of lines whose first 32 tokens from plain `generate` with transformers' expert loop equal ours."""
     model, tokenizer = load(args.model_dir, loop=True)
-    loop = first_tokens(model, tokenizer, lines, len(grouped))
+    loop = first_tokens(model, tokenizer, lines, len(ours), "generate")
     del model
-    return (loop == grouped).all(dim=1).float().mean().item()
+    return (loop == ours).all(dim=1).float().mean().item()
 
 
 CPU_FLAGS = (
@@ -131,24 +142,27 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of grouped experts")
+    parser.add_argument("--paths", nargs="+", default=["graphs", "generate"], help="GenerationSettings.decoding values")
+    parser.add_argument("--long", type=int, default=0, help="new tokens of a batch-8 long-output row (0: none)")
     parser.add_argument("--same-tokens", type=int, default=0, help="lines to compare with the loop (0: skip)")
     parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
     args = parser.parse_args()
     lines = line_batches(args)
     model, tokenizer = load(args.model_dir, args.loop)
-    print(f"| path | batch | new tokens | seconds | new tokens / s |  (max_new_tokens {args.max_new_tokens})")
-    print("|---|---|---|---|---|")
+    print("| path | batch | max new tokens | new tokens | seconds | new tokens / s | peak allocated GiB |")
+    print("|---|---|---|---|---|---|---|")
     result = {
         "device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)",
         "commit": commit(),
         "rows": speed_rows(model, tokenizer, lines, args),
     }
     if args.same_tokens:
-        grouped = first_tokens(model, tokenizer, lines, args.same_tokens)
+        ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
         del model
         torch.cuda.empty_cache() if CUDA else None
-        result["same_tokens_fraction"] = same_tokens_fraction(args, lines, grouped)
+        result["same_tokens_fraction"] = same_tokens_fraction(args, lines, ours)
+        result["same_tokens_paths"] = f"{args.paths[0]} vs generate with transformers' expert loop"
         result["same_tokens_lines"] = args.same_tokens
     if args.predict_lines:
         result |= predict_speed(args)

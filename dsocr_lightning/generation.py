@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .fast.decode import Rules, decoder_parts, graph_blocker, static_generate
+
+log = logging.getLogger(__name__)
 
 # Not cuDNN: its attention plans a graph per new shape, and every decode step has a new KV length
 # (profiled on an H100: 1.8 ms of CPU per call, a third of a generate call's CPU time). The others do not.
@@ -19,13 +24,21 @@ class GenerationSettings:
 
     max_new_tokens: int = 256  # cap on new tokens per line (the reference allows 8192)
     no_repeat_ngram_size: int = 20  # the reference's value (35 in its eval mode)
+    # auto: a static KV cache with each step one CUDA graph replay on a GPU, run eagerly on a CPU (fast/decode.py),
+    # where the model's layout allows, else transformers' generate (logged); static, graphs or generate to force one
+    decoding: Literal["auto", "static", "graphs", "generate"] = "auto"
 
 
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
     """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
     prompt, tokenizer = batch["prompt_input_ids"], getattr(tokenizer, "tokenizer", tokenizer)  # v2: a processor
+    path, parts = decoding_path(model, batch, settings)
     with sdpa_kernel(DECODE_ATTENTION):
+        if path != "generate":
+            rules = Rules(settings.no_repeat_ngram_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
+            return static_generate(model, parts, prompt, batch["prompt_attention_mask"], image_inputs(batch),
+                                   settings.max_new_tokens, rules, graphs=path == "graphs")  # fmt: skip
         out = model.generate(
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],
@@ -38,6 +51,34 @@ def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings:
             eos_token_id=tokenizer.eos_token_id,
         )
     return out[:, prompt.shape[1] :]
+
+
+def decoding_path(model: Any, batch: dict[str, Any], settings: GenerationSettings) -> tuple[str, Any]:
+    """(`graphs`, `static` or `generate`, the decoder's parts), logged the first time a model decodes that way."""
+    parts = decoder_parts(model) if "images" in batch else None  # v1's layout; v2 decodes with generate
+    cuda = batch["prompt_input_ids"].device.type == "cuda"
+    path, why = settings.decoding, ""
+    if path in ("auto", "graphs") and not cuda:
+        path, why = "static", " (no CUDA device: the same steps, eagerly)"
+    if path in ("auto", "graphs") and graph_blocker(model):
+        path, why = "static", f" ({graph_blocker(model)})"
+    if path == "auto":
+        path = "graphs"
+    if path != "generate" and parts is None:
+        path, why = "generate", " (the model's layout has no static-cache decoder: v2 or Unsloth)"
+    if settings.decoding not in ("auto", path):
+        raise ValueError(f"decoding: {settings.decoding} does not apply here{why}; use auto")
+    if getattr(model, "_decoding_logged", None) != path:
+        log.info("decoding: %s%s", DESCRIPTIONS[path], why)
+        model._decoding_logged = path
+    return path, parts
+
+
+DESCRIPTIONS = {
+    "graphs": "static KV cache, each step one CUDA graph replay (fast/decode.py)",
+    "static": "static KV cache, steps run eagerly (fast/decode.py)",
+    "generate": "transformers' generate",
+}
 
 
 def image_inputs(batch: dict[str, Any]) -> dict[str, Any]:

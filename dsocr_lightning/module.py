@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, SumMetric
 from .checkpoints import best_checkpoint
 from .checks import ConfigError, check_precision, out_of_memory_message
 from .fast import FastPaths
+from .fast.decode import release_decoder
 from .fast.moe import looped_expert_layers
 from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
@@ -263,10 +264,15 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_cer("val")
-        set_inference(self.model, self.backend, False)
+        self.end_evaluation()
 
     def on_test_epoch_end(self) -> None:
         self.log_cer("test")
+        self.end_evaluation()
+
+    def end_evaluation(self) -> None:
+        """Back to training: the decoder's KV buffers and CUDA graph are freed for the activations."""
+        release_decoder(self.model)
         set_inference(self.model, self.backend, False)
 
     def on_predict_epoch_start(self) -> None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsocr_lightning.versions import INSTALL, environment_version
 
@@ -28,6 +29,8 @@ def pytest_collection_modifyitems(config, items):
         if version != ENVIRONMENT:
             reason = f"a {version} test: this environment runs {ENVIRONMENT or 'neither'} ({INSTALL[version]})"
             item.add_marker(pytest.mark.skip(reason=reason))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +39,15 @@ def standin_dir(tmp_path_factory):
 
     # as the demo writes it: lm_head only where a label is learned (the same loss, a CPU step several times faster)
     return write_standin_checkpoint(tmp_path_factory.mktemp("standin") / "ckpt", labelled_logits_only=True)
+
+
+@pytest.fixture(scope="session")
+def real_routing_dir(tmp_path_factory):
+    """The stand-in with DeepSeek-OCR's routing: 64 routed experts, 6 per token, 2 shared."""
+    from dsocr_lightning.standin import write_standin_checkpoint
+
+    return write_standin_checkpoint(tmp_path_factory.mktemp("moe64") / "ckpt", n_routed_experts=64,
+                                    num_experts_per_tok=6, n_shared_experts=2)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -28,15 +28,6 @@ def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, what: str = "") 
     assert diff <= REL * max(scale, 1e-12) or diff < 1e-12, f"{what}: |diff| {diff:.3g} vs |expected| {scale:.3g}"
 
 
-@pytest.fixture(scope="module")
-def real_routing_dir(tmp_path_factory):
-    """The stand-in with DeepSeek-OCR's routing: 64 routed experts, 6 per token, 2 shared."""
-    from dsocr_lightning.standin import write_standin_checkpoint
-
-    return write_standin_checkpoint(tmp_path_factory.mktemp("moe64") / "ckpt", n_routed_experts=64,
-                                    num_experts_per_tok=6, n_shared_experts=2)  # fmt: skip
-
-
 def lora_model(folder, grouped: bool, dropout: float = 0.0):
     settings = LoadSettings(str(folder), "transformers", True, fast=FastPaths(grouped_experts=grouped))
     model, tokenizer, _ = load_model(settings, LoraSettings(dropout=dropout))

@@ -27,7 +27,9 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     """Sort the [T, K] expert choices by expert (stable, so equal experts keep token order, as argsort in the loop)."""
     flat = topk_ids.reshape(-1)
     order = flat.argsort(stable=True)
-    offs = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    # a scatter, not bincount: bincount on CUDA reads the largest id back (a sync, and no CUDA graph capture)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = counts.cumsum(0).to(torch.int32)
     return Routing(order, offs, order // topk_ids.shape[1])
 
 

@@ -1,0 +1,110 @@
+"""Static-cache decoding (fast/decode.py) equals transformers' `generate`: greedy tokens, token for token, in
+float32 on the CPU, on the stand-in with DeepSeek-OCR's routing (64 experts, 6 per token, 2 shared; LoRA active
+and unmerged) and on the plain stand-in; with left padding, the n-gram block, rows that end early, and a decoder
+kept across batches. The CUDA graph replays the same step; tests/test_gpu.py checks it on a GPU."""
+
+import types
+
+import pytest
+import torch
+from test_fast_moe import batch_of, lora_model
+
+from dsocr_lightning.fast.decode import banned_ngram_mask, banned_ngram_mask_reference, output_width
+from dsocr_lightning.generation import GenerationSettings, generate_tokens
+
+LINES = ["سلام دنیا", "کتاب ۱۲ و یک خط بلندتر از همه", "آب"]
+
+
+def padded_batch(tokenizer, texts=LINES) -> dict:
+    """Prompts of the collator (same length in the tiny mode), the first row's BOS turned into left padding: rows of
+    different lengths, as views with crops make them."""
+    batch = batch_of(tokenizer, texts, prompts=True)
+    batch["prompt_input_ids"][0, 0] = tokenizer.pad_token_id
+    batch["prompt_attention_mask"][0, 0] = 0
+    return batch
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(real_routing_dir):
+    model, tokenizer = lora_model(real_routing_dir, grouped=True)
+    return model.eval(), tokenizer
+
+
+def both(model, tokenizer, batch, new_tokens: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    settings = {"max_new_tokens": new_tokens, "no_repeat_ngram_size": ngram}
+    expected = generate_tokens(model, tokenizer, batch, GenerationSettings(**settings, decoding="generate"))
+    return generate_tokens(model, tokenizer, batch, GenerationSettings(**settings, decoding="static")), expected
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_ngram_block_equals_the_dictionary_rule(size):
+    generator = torch.Generator().manual_seed(size)
+    ids = torch.randint(0, 4, (6, 40), generator=generator)  # 4 tokens: many repeats
+    for length in (size - 1, size, 17, 40):
+        got = banned_ngram_mask(ids, torch.tensor([length]), size, 7)
+        assert torch.equal(got, banned_ngram_mask_reference(ids, length, size, 7)), length
+    assert banned_ngram_mask_reference(ids, 40, size, 7).any()  # the comparison saw bans
+
+
+@pytest.mark.parametrize("ngram", [0, 3, 20])
+def test_static_decoding_equals_generate(model_and_tokenizer, ngram):
+    model, tokenizer = model_and_tokenizer
+    batch = padded_batch(tokenizer)
+    assert not batch["prompt_attention_mask"].all()  # left padding is exercised
+    got, expected = both(model, tokenizer, batch, 40, ngram)
+    assert expected.shape == (3, 40) and torch.equal(got, expected)
+
+
+def test_rows_that_end_early(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = padded_batch(tokenizer)
+    free = generate_tokens(model, tokenizer, batch, GenerationSettings(12, 3, decoding="generate"))
+    ends = types.SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=int(free[1, 4]))
+    got, expected = both(model, ends, batch, 30, 3)
+    assert (expected[1, 5:] == tokenizer.pad_token_id).all() and torch.equal(got, expected)
+    one = {k: v[1:2] for k, v in batch.items()}  # tensors and lists alike
+    got, expected = both(model, ends, one, 30, 3)  # its only row ends: generate stops after 5 tokens
+    assert expected.shape == (1, 5) and torch.equal(got, expected)
+
+
+def test_output_width():
+    new = torch.tensor([[5, 1, 0, 0], [5, 5, 5, 1]])
+    assert output_width(new, torch.tensor([True, True]), eos=1) == 4
+    assert output_width(new[:, :3], torch.tensor([True, False]), eos=1) == 3
+
+
+def test_decoder_is_kept_and_rebuilt_when_the_model_changes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first, second = (padded_batch(tokenizer, texts) for texts in (LINES, LINES[::-1]))
+    both(model, tokenizer, first, 8, 3)
+    kept = model._static_decoder[1]
+    got, expected = both(model, tokenizer, second, 8, 3)
+    assert model._static_decoder[1] is kept and torch.equal(got, expected)
+    model.merge_adapter()  # merged weights: a decoder built for the unmerged model must not be reused
+    try:
+        got, expected = both(model, tokenizer, second, 8, 3)
+        assert model._static_decoder[1] is not kept and torch.equal(got, expected)
+    finally:
+        model.unmerge_adapter()
+
+
+def test_plain_standin(standin_dir):
+    model, tokenizer = lora_model(standin_dir, grouped=True)
+    got, expected = both(model.eval(), tokenizer, padded_batch(tokenizer), 24, 20)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_eager_steps(real_routing_dir):
+    """bf16 on the GPU (grouped experts native): the captured step gives the eager step's tokens exactly."""
+    model, tokenizer = lora_model(real_routing_dir, grouped=True)
+    model = model.to("cuda", torch.bfloat16).eval()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in padded_batch(tokenizer).items()}
+    batch["images"] = [(c.cuda().bfloat16(), g.cuda().bfloat16()) for c, g in batch["images"]]
+    runs = {
+        path: generate_tokens(model, tokenizer, batch, GenerationSettings(40, 20, decoding=path))
+        for path in ("static", "graphs", "generate")
+    }
+    assert model._static_decoder[1].graph is not None
+    assert torch.equal(runs["graphs"], runs["static"])
+    assert (runs["graphs"][:, :8] == runs["generate"][:, :8]).float().mean() >= 0.9  # bf16: kernels differ
