@@ -98,7 +98,8 @@ def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: i
     """The first 32 greedy tokens of `count` lines, `[count, 32]`."""
     parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count))), 32, path)[1].cpu()
              for i in range(0, count, batch)]  # fmt: skip
-    return torch.cat(parts)
+    pad = tokenizer.pad_token_id  # a batch whose rows all ended early is narrower
+    return torch.cat([torch.nn.functional.pad(part, (0, 32 - part.shape[1]), value=pad) for part in parts])
 
 
 def same_tokens_fraction(args: argparse.Namespace, lines: tuple, ours: torch.Tensor) -> float:

@@ -265,6 +265,17 @@ def static_generate(
     check_every: int = 16,
 ) -> torch.Tensor:
     """New token ids [B, T_new] (PAD after EOS), the tokens of `model.generate(..., do_sample=False)`."""
+    device = prompt.device.type
+    # autocast's cache of cast weights lives until the outer autocast exits: a graph that captured a cached copy
+    # would read freed memory in the next call. Without the cache the casts are part of the graph.
+    with torch.autocast(
+        device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device), cache_enabled=False
+    ):
+        return decode(model, parts, prompt, mask, images, max_new_tokens, rules, graphs, check_every)
+
+
+def decode(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: torch.Tensor, images: dict,
+           max_new_tokens: int, rules: Rules, graphs: bool, check_every: int) -> torch.Tensor:  # fmt: skip
     logits, prefilled = prefill(model, parts, prompt, mask, images)
     columns = -(-(prompt.shape[1] + max_new_tokens) // COLUMN_STEP) * COLUMN_STEP
     decoder = decoder_for(model, parts, prefilled, (prompt.shape[0], columns), rules)
