@@ -91,7 +91,13 @@ def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list
     experts = "expert loop" if args.loop else "grouped experts"
     runs = [(size, args.max_new_tokens, path) for path in args.paths for size in args.batch_sizes]
     runs += [(8, args.long, args.paths[0])] if args.long else []
-    return [speed_row(model, tokenizer, lines, *run, experts) for run in runs]
+    rows = [speed_row(model, tokenizer, lines, *run, experts) for run in runs]
+    if args.merged:  # LoRA merged into the base weights (what predict may do): fewer kernels a step
+        model.merge_adapter()
+        rows += [speed_row(model, tokenizer, lines, size, args.max_new_tokens, args.paths[0], experts + ", LoRA merged")
+                 for size in args.batch_sizes]  # fmt: skip
+        model.unmerge_adapter()
+    return rows
 
 
 def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: int = 16) -> torch.Tensor:
@@ -128,12 +134,20 @@ def predict_speed(args: argparse.Namespace) -> dict:
                    f"[{inputs}/]", "--prediction_writer.output", f"{work}/out.jsonl", "--trainer.enable_progress_bar",
                    "false", "--trainer.logger.init_args.save_dir", work]  # fmt: skip
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start
+        if done.returncode:
+            print(done.stdout[-3000:], done.stderr[-6000:], flush=True)
+            return {"predict_error": done.stderr[-2000:]}
         lines = len(Path(f"{work}/out.jsonl").read_text().splitlines())
     loop = re.search(r"predictions: (\d+) lines written to .* in ([\d.]+) s", done.stdout + done.stderr)
     return {"predict_lines": lines, "predict_wall_s": wall, "predict_lines_per_s": lines / wall,
             "predict_loop_lines_per_s": int(loop[1]) / float(loop[2]) if loop else None}  # fmt: skip
+
+
+def save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -144,6 +158,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--loop", action="store_true", help="transformers' expert loop instead of grouped experts")
     parser.add_argument("--paths", nargs="+", default=["graphs", "generate"], help="GenerationSettings.decoding values")
+    parser.add_argument("--merged", action="store_true", help="rows of the first path with the LoRA merged too")
     parser.add_argument("--long", type=int, default=0, help="new tokens of a batch-8 long-output row (0: none)")
     parser.add_argument("--same-tokens", type=int, default=0, help="lines to compare with the loop (0: skip)")
     parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
@@ -158,6 +173,7 @@ def main() -> None:
         "commit": commit(),
         "rows": speed_rows(model, tokenizer, lines, args),
     }
+    save(args.json, result)  # after each part: a later failure keeps what was measured
     if args.same_tokens:
         ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
         del model
@@ -165,10 +181,10 @@ def main() -> None:
         result["same_tokens_fraction"] = same_tokens_fraction(args, lines, ours)
         result["same_tokens_paths"] = f"{args.paths[0]} vs generate with transformers' expert loop"
         result["same_tokens_lines"] = args.same_tokens
+        save(args.json, result)
     if args.predict_lines:
         result |= predict_speed(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    save(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

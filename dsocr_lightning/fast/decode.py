@@ -196,7 +196,8 @@ class Decoder:
             self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread may allocate while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.step()
 
 
