@@ -277,6 +277,13 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         set_inference(self.model, self.backend, True)
+        if (
+            self.generation.merge_lora_in_predict
+            and self.backend == "transformers"
+            and hasattr(self.model, "merge_adapter")
+        ):
+            self.model.merge_adapter()  # predict-only process: nothing trains or saves this model afterwards
+            rank_zero_info("predict: LoRA merged into the base weights for decoding (merge_lora_in_predict)")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One record per image, in input order: path, transcription and the reference when the data has one; or

@@ -82,10 +82,12 @@ def test_decoder_is_kept_and_rebuilt_when_the_model_changes(model_and_tokenizer)
     kept = model._static_decoder[1]
     got, expected = both(model, tokenizer, second, 8, 3)
     assert model._static_decoder[1] is kept and torch.equal(got, expected)
+    unmerged = got
     model.merge_adapter()  # merged weights: a decoder built for the unmerged model must not be reused
     try:
         got, expected = both(model, tokenizer, second, 8, 3)
         assert model._static_decoder[1] is not kept and torch.equal(got, expected)
+        assert torch.equal(got, unmerged)  # what predict's merge_lora_in_predict relies on
     finally:
         model.unmerge_adapter()
 
@@ -122,3 +124,19 @@ def noise_image(generator: torch.Generator, width: int):
 
     pixels = torch.randint(0, 256, (64, width, 3), generator=generator, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
+
+
+def test_static_decoding_under_cpu_autocast(model_and_tokenizer):
+    """bf16 autocast over float32 weights: the prompt's keys come out float32, a step's bf16 (kept as the cache's
+    dtype, as DynamicCache's concatenation promotes them)."""
+    model, tokenizer = model_and_tokenizer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = both(model, tokenizer, padded_batch(tokenizer), 24, 20)
+    assert torch.equal(got, expected)
+
+
+def test_transformers_expert_loop(real_routing_dir):
+    """The per-expert loop (fp16 or pre-Hopper GPUs) decodes through the same static steps, eagerly on a GPU."""
+    model, tokenizer = lora_model(real_routing_dir, grouped=False)
+    got, expected = both(model.eval(), tokenizer, padded_batch(tokenizer), 24, 20)
+    assert torch.equal(got, expected)

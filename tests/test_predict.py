@@ -42,7 +42,10 @@ def predict(standin_dir, lines_dir, out, *extra):
 
 
 def test_predict_folder_and_split(standin_dir, lines_dir, tmp_path, monkeypatch):
-    _, rows = predict(standin_dir, lines_dir, tmp_path / "p.jsonl", "--data.predict_inputs", f"[{lines_dir / 'test'}]")
+    cli, rows = predict(
+        standin_dir, lines_dir, tmp_path / "p.jsonl", "--data.predict_inputs", f"[{lines_dir / 'test'}]"
+    )
+    assert all(layer.merged for layer in cli.model.model.modules() if hasattr(layer, "lora_A"))  # merge_lora_in_predict
     assert [r["path"] for r in rows] == [str(p) for p in sorted((lines_dir / "test").glob("*.png"))]
     assert all(set(r) == {"path", "text"} and isinstance(r["text"], str) for r in rows)
 

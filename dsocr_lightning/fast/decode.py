@@ -88,8 +88,9 @@ class StaticCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: dict) -> tuple:
         column = cache_kwargs["cache_position"]  # [1] long, on the device
-        self.keys[layer_idx].index_copy_(2, column, key)
-        self.values[layer_idx].index_copy_(2, column, value)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, column, key.to(keys.dtype))  # as DynamicCache's concatenation promotes
+        values.index_copy_(2, column, value.to(values.dtype))
         return self.keys[layer_idx], self.values[layer_idx]
 
 
