@@ -12,7 +12,8 @@ the vision towers, not a graph's capture (a warm-up call of the same shape runs 
 `decoding` settings to time (graphs: static KV cache + CUDA graphs, the default; generate: transformers'
 generate). `--long N`: batch 8 with N new tokens on the first path. `--same-tokens N`: the first 32 greedy tokens
 of N lines from the first path against plain `generate` with transformers' expert loop (the model's own code,
-loaded in turn), and the fraction of lines whose 32 tokens are all equal. `--predict-lines N`:
+loaded in turn), and the fraction of lines whose 32 tokens are all equal; also the same split by cause (decoding vs
+experts; `generate` with and without the flash attention kernel). `--predict-lines N`:
 `python -m dsocr_lightning predict --config configs/h100.yaml` over N images of LINES_DIR/train, wall time of the
 whole process (load included) and of its prediction loop (from the run's log).
 """
@@ -31,7 +32,9 @@ from pathlib import Path
 import torch
 from common import ROOT, commit
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.nn.attention import SDPBackend
 
+from dsocr_lightning import generation
 from dsocr_lightning.data import OCRDataModule
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.generation import GenerationSettings, generate_tokens
@@ -114,10 +117,24 @@ def same_tokens(args: argparse.Namespace, lines: tuple, ours: torch.Tensor, grou
     experts and that against the loop."""
     model, tokenizer = load(args.model_dir, loop=True)
     loop = first_tokens(model, tokenizer, lines, len(ours), "generate")
+    efficient = generate_without_flash(model, tokenizer, lines, len(ours))
     del model
     same = lambda a, b: (a == b).all(dim=1).float().mean().item()
     return {"same_tokens_fraction": same(ours, loop), "same_tokens_vs_generate_grouped": same(ours, grouped),
-            "same_tokens_generate_grouped_vs_loop": same(grouped, loop)}  # fmt: skip
+            "same_tokens_generate_grouped_vs_loop": same(grouped, loop),
+            "same_tokens_generate_vs_generate_without_flash": same(loop, efficient),
+            "same_tokens_vs_generate_without_flash": same(ours, efficient)}  # fmt: skip
+
+
+def generate_without_flash(model, tokenizer, lines: tuple, count: int) -> torch.Tensor:
+    """`generate`'s tokens with attention kept off the flash kernel (the static decoder's masked attention runs the
+    memory-efficient one): how much the attention kernel alone moves greedy bf16 tokens."""
+    saved = generation.DECODE_ATTENTION
+    generation.DECODE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return first_tokens(model, tokenizer, lines, count, "generate")
+    finally:
+        generation.DECODE_ATTENTION = saved
 
 
 CPU_FLAGS = (

@@ -160,7 +160,9 @@ class OCRCollator:
             "images": [(crops, glob) for crops, glob, _ in views],
             "images_spatial_crop": torch.tensor([list(grid) for _, _, grid in views], dtype=torch.long),
         }
-        batch["attention_mask"] = (batch["input_ids"] != self.pad_id).long()
+        batch["attention_mask"] = mask = (batch["input_ids"] != self.pad_id).long()
+        # padding only after each row's tokens: under causal attention it changes nothing the loss reads
+        batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all())
         check_image_tokens(batch)
         if self.with_prompts:
             batch.update(self.prompt_batch(encoded))

@@ -163,7 +163,13 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
-        return self.model(**{k: batch[k] for k in keys})
+        inputs = {k: batch[k] for k in keys}
+        if batch.get("right_padded") and self.backend == "transformers":
+            # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:
+            # without it transformers skips building a [B, 1, L, L] mask (vmap, ~24 ms of CPU a forward, measured
+            # on CPU) and attention may take the causal flash kernel. Same loss (tests/test_collate.py).
+            inputs["attention_mask"] = None
+        return self.model(**inputs)
 
     def to_base_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not

@@ -1,5 +1,7 @@
 """The collator against the contract: sequence layout, image-token counts, masking, PAD, EOS, left-padded prompts."""
 
+import types
+
 import pytest
 from PIL import Image
 
@@ -49,6 +51,27 @@ def test_padding_and_masks_across_a_batch(tokenizer):
     assert (ids[0, short:] == PAD).all() and (labels[0, short:] == IGNORE_INDEX).all()
     assert ids[0, short - 1] == EOS and labels[0, short - 1] == EOS  # right padded, EOS kept
     assert not batch["images_seq_mask"][0, short:].any()
+    assert batch["right_padded"] is True
+
+
+def test_right_padding_needs_no_mask(real_routing_dir):
+    """The module drops a right-padded batch's mask (transformers backend): the loss is the masked one."""
+    from test_fast_moe import batch_of, lora_model
+
+    from dsocr_lightning.module import MODEL_KEYS, DeepSeekOCRModule
+
+    model, tokenizer = lora_model(real_routing_dir, grouped=True)
+    batch = batch_of(tokenizer, ["سلام دنیا و یک خط بلند", "آب"])
+    assert batch["right_padded"] and not batch["attention_mask"].all()
+    seen = {}
+    fake = types.SimpleNamespace(backend="transformers", model=lambda **kw: seen.update(kw) or model(**kw))
+    loss = DeepSeekOCRModule.forward(fake, batch).loss
+    assert seen["attention_mask"] is None
+    masked = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+    assert loss.item() == pytest.approx(masked.item(), rel=1e-6)
+    fake.backend = "unsloth"  # Unsloth's own kernels get the mask as before
+    DeepSeekOCRModule.forward(fake, batch)
+    assert seen["attention_mask"] is batch["attention_mask"]
 
 
 def test_prompts_are_left_padded(tokenizer):

@@ -64,7 +64,7 @@ def test_rows_that_end_early(model_and_tokenizer):
     ends = types.SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=int(free[1, 4]))
     got, expected = both(model, ends, batch, 30, 3)
     assert (expected[1, 5:] == tokenizer.pad_token_id).all() and torch.equal(got, expected)
-    one = {k: v[1:2] for k, v in batch.items()}  # tensors and lists alike
+    one = {k: v[1:2] if hasattr(v, "__getitem__") else v for k, v in batch.items()}  # tensors, lists; flags as they are
     got, expected = both(model, ends, one, 30, 3)  # its only row ends: generate stops after 5 tokens
     assert expected.shape == (1, 5) and torch.equal(got, expected)
 
