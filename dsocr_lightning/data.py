@@ -25,6 +25,7 @@ from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_in
 from .images import MODES, Mode
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
+from .transport import CompactCollator, expand
 from .versions import load_text_side, make_collator
 
 log = logging.getLogger(__name__)
@@ -349,11 +350,15 @@ class OCRDataModule(L.LightningDataModule):
             batch_size=hp.batch_size if train else hp.eval_batch_size,
             sampler=sampler,
             num_workers=hp.num_workers,
-            collate_fn=self.collator(not train, split, inference=split == "predict"),
+            collate_fn=CompactCollator(self.collator(not train, split, inference=split == "predict")),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=hp.num_workers > 0,
             progress=self.epoch_progress if train else (lambda: 0),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Batches travel compacted (transport.py); on the device they take the collator's layout again."""
+        return expand(batch)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.hparams.train_split, train=True)

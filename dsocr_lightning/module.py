@@ -175,6 +175,10 @@ class DeepSeekOCRModule(L.LightningModule):
         """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not
         in `on_after_batch_transfer`: Lightning warns when a module overrides that hook beside a DataModule.)"""
         dtype = self.base_dtype
+        if any(glob.dtype == torch.uint8 for _, glob in batch.get("images", [])):
+            raise RuntimeError(
+                "pixels still as bytes: batches from OCRDataModule's loaders need its on_after_batch_transfer"
+            )
         batch["images"] = [(crops.to(dtype), glob.to(dtype)) for crops, glob in batch.get("images", [])]
         for key in ("pixel_values", "pixel_values_local"):  # v2
             if batch.get(key) is not None:
