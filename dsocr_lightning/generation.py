@@ -63,8 +63,9 @@ def decoding_path(model: Any, batch: dict[str, Any], settings: GenerationSetting
     path, why = settings.decoding, ""
     if path in ("auto", "graphs") and not cuda:
         path, why = "static", " (no CUDA device: the same steps, eagerly)"
-    if path in ("auto", "graphs") and graph_blocker(model):
-        path, why = "static", f" ({graph_blocker(model)})"
+    blocker = graph_blocker(parts) if parts is not None else None
+    if path in ("auto", "graphs") and blocker:
+        path, why = "static", f" ({blocker})"
     if path == "auto":
         path = "graphs"
     if path != "generate" and parts is None:

@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .moe import moe_layers
-
 if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
 
@@ -62,9 +60,10 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
                         implementation == "eager")  # fmt: skip
 
 
-def graph_blocker(model: nn.Module) -> str | None:
-    """Why a decode step of `model` cannot be captured as a CUDA graph, or None."""
-    if any("moe" not in vars(layer) for layer in moe_layers(model)):
+def graph_blocker(parts: DecoderParts) -> str | None:
+    """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
+    if any(isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList) and "moe" not in vars(layer.mlp)
+           for layer in parts.layers):  # fmt: skip
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
     return None
 
@@ -226,25 +225,36 @@ def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: t
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def model_signature(model: nn.Module) -> tuple:
-    """What a captured graph depends on: parameter storages, adapters merged or disabled, autocast."""
-    device = next(model.parameters()).device.type
-    flags = tuple((getattr(m, "merged", None), getattr(m, "disable_adapters", None)) for m in model.modules()
-                  if hasattr(m, "lora_A"))  # fmt: skip
-    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-    return tuple(p.data_ptr() for p in model.parameters()), flags, autocast
+class ModelState:
+    """What a captured graph depends on beyond its inputs: the storages of the model's parameters and whether its
+    adapters are merged or disabled. Which parameters and LoRA layers there are is read once (walking the ~26,000
+    modules of the real model costs ~0.1 s, too much per call); their storages and flags are compared every call."""
+
+    def __init__(self, model: nn.Module):
+        self.params = list(model.parameters())
+        self.lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        self.recorded = self.now()
+
+    def now(self) -> tuple:
+        flags = tuple((m.merged, m.disable_adapters) for m in self.lora_layers)
+        return tuple(p.data_ptr() for p in self.params), flags
+
+    def unchanged(self) -> bool:
+        return self.now() == self.recorded
 
 
 def decoder_for(model: nn.Module, parts: DecoderParts, like: DynamicCache, shape: tuple, rules: Rules) -> Decoder:
-    """The decoder kept on the model for this shape, rules and model state, else a new one (one is kept: its
-    cache buffers are the memory that decoding holds)."""
-    key = (shape, rules, like.layers[0].keys.dtype, model_signature(model))
+    """The decoder kept on the model for this shape, rules, autocast and model state, else a new one (one is kept:
+    its cache buffers are the memory that decoding holds)."""
+    device = like.layers[0].keys.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    key = (shape, rules, like.layers[0].keys.dtype, autocast)
     kept = getattr(model, "_static_decoder", None)
-    if kept is not None and kept[0] == key:
+    if kept is not None and kept[0] == key and kept[2].unchanged():
         return kept[1]
     model._static_decoder = None  # free the old buffers first
     decoder = Decoder(parts, like, shape, rules)
-    model._static_decoder = (key, decoder)
+    model._static_decoder = (key, decoder, kept[2] if kept is not None and kept[2].unchanged() else ModelState(model))
     return decoder
 
 
