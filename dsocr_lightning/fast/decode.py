@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .moe import is_moe_layer, runs_grouped
+
 if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
 
@@ -62,8 +64,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
 
 def graph_blocker(parts: DecoderParts) -> str | None:
     """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
-    if any(isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList) and "moe" not in vars(layer.mlp)
-           for layer in parts.layers):  # fmt: skip
+    if any(is_moe_layer(layer.mlp) and not runs_grouped(layer.mlp) for layer in parts.layers):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
     return None
 
@@ -250,18 +251,18 @@ def decoder_for(model: nn.Module, parts: DecoderParts, like: DynamicCache, shape
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
     key = (shape, rules, like.layers[0].keys.dtype, autocast)
     kept = getattr(model, "_static_decoder", None)
-    if kept is not None and kept[0] == key and kept[2].unchanged():
+    state = kept[2] if kept is not None and kept[2].unchanged() else None
+    if state is not None and kept[0] == key:
         return kept[1]
     model._static_decoder = None  # free the old buffers first
     decoder = Decoder(parts, like, shape, rules)
-    model._static_decoder = (key, decoder, kept[2] if kept is not None and kept[2].unchanged() else ModelState(model))
+    model._static_decoder = (key, decoder, state or ModelState(model))
     return decoder
 
 
 def release_decoder(model: nn.Module) -> None:
     """Drop the kept decoder (its KV buffers and graph), e.g. when validation ends and training resumes."""
-    if getattr(model, "_static_decoder", None) is not None:
-        model._static_decoder = None
+    model._static_decoder = None
 
 
 @torch.no_grad()

@@ -139,19 +139,27 @@ def ensure_bound(module: nn.Module) -> list[ProjectionStack]:
     return stacks
 
 
+def is_moe_layer(module: nn.Module) -> bool:
+    """A DeepSeek-V2-style MoE block: routed `experts` with gate/up/down projections and a `moe` method."""
+    experts = getattr(module, "experts", None)
+    return isinstance(experts, nn.ModuleList) and hasattr(type(module), "moe") and len(experts) > 0
+
+
+def runs_grouped(layer: nn.Module) -> bool:
+    """Has `patch_grouped_experts` switched this MoE layer (its instance `moe` shadows the class's loop)?"""
+    return "moe" in vars(layer)
+
+
 def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """DeepSeek-V2-style MoE blocks: routed `experts` with gate/up/down projections and a `moe` method."""
-    return [
-        m for m in model.modules()
-        if isinstance(getattr(m, "experts", None), nn.ModuleList) and hasattr(type(m), "moe") and len(m.experts)
-    ]  # fmt: skip
+    """Every MoE block of `model`."""
+    return [m for m in model.modules() if is_moe_layer(m)]
 
 
 def looped_expert_layers(model: nn.Module) -> int:
     """MoE layers that run transformers' per-expert loop with trainable expert weights: an expert no token picked
     in a micro-batch gets no gradient there (the grouped layers' stacked weights always get one)."""
     return sum(
-        "moe" not in vars(layer) and any(p.requires_grad for p in layer.experts.parameters())
+        not runs_grouped(layer) and any(p.requires_grad for p in layer.experts.parameters())
         for layer in moe_layers(model)
     )
 
@@ -160,7 +168,7 @@ def patch_grouped_experts(model: nn.Module) -> int:
     """Switch every MoE layer of `model` to grouped experts; returns how many were switched."""
     layers = moe_layers(model)
     for layer in layers:
-        if "moe" in vars(layer):
+        if runs_grouped(layer):
             continue  # already switched
         layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
         layer.moe = types.MethodType(grouped_moe, layer)
