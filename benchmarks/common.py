@@ -1,8 +1,9 @@
-"""What the benchmarks share: the commit a result was measured at (with +dirty for uncommitted changes), and the
-scalars a run logged to TensorBoard."""
+"""What the benchmarks share: the commit a result was measured at (with +dirty for uncommitted changes), the
+scalars a run logged to TensorBoard, and how a result JSON is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -21,6 +22,12 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A result file, its folder made if needed (indent 1, newline-terminated, as committed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def scalars(log_dir: str | Path) -> dict[str, list[float]]:

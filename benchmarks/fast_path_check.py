@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import commit
+from common import commit, write_json
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from dsocr_lightning.data import OCRDataModule
@@ -106,8 +106,7 @@ def main() -> None:
         "reference_loss": reference["loss"], "grouped_experts": compare(grouped, reference),
         "grouped_experts_and_batched_vision": compare(batched, reference), "grouped_mm": grouped_mm_support(),
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     print(json.dumps(result, indent=1))
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, commit
+from common import ROOT, commit, write_json
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.nn.attention import SDPBackend
 
@@ -166,11 +166,6 @@ def predict_speed(args: argparse.Namespace) -> dict:
             "predict_loop_lines_per_s": int(loop[1]) / float(loop[2]) if loop else None}  # fmt: skip
 
 
-def save(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -194,7 +189,7 @@ def main() -> None:
         "commit": commit(),
         "rows": speed_rows(model, tokenizer, lines, args),
     }
-    save(args.json, result)  # after each part: a later failure keeps what was measured
+    write_json(args.json, result)  # after each part: a later failure keeps what was measured
     if args.same_tokens:
         ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
         grouped = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
@@ -203,10 +198,10 @@ def main() -> None:
         result |= same_tokens(args, lines, ours, grouped)
         result["same_tokens_paths"] = f"{args.paths[0]} vs generate with transformers' expert loop"
         result["same_tokens_lines"] = args.same_tokens
-        save(args.json, result)
+        write_json(args.json, result)
     if args.predict_lines:
         result |= predict_speed(args)
-    save(args.json, result)
+    write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import ROOT, WARMUP, commit, scalars
+from common import ROOT, WARMUP, commit, scalars, write_json
 
 MICRO, ACCUMULATION, KILL_AT = 2, 4, 4
 STRATEGY = {"fast": "ddp", "loop": "ddp_find_unused_parameters_true"}
@@ -206,8 +206,7 @@ def main() -> None:
     data = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
 
     def save(data: dict) -> None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        write_json(json_path, data)
         print(table(data), flush=True)
 
     measure(args, work, data, save)

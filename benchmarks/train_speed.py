@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, WARMUP, commit, scalars
+from common import ROOT, WARMUP, commit, scalars, write_json
 
 GUIDE = ["--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.gradient_checkpointing", "true"]
 LOOP = ["--model.fast.grouped_experts", "false", "--model.fast.batched_vision", "false"]
@@ -88,8 +88,7 @@ def save(path: Path, rows: list[dict]) -> dict:
     for row in data["rows"]:
         if reference is not None and row.get("device") == reference.get("device"):
             row["speedup_vs_reference"] = row["samples_per_s"] / reference["samples_per_s"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_json(path, data)
     return data
 
 
