@@ -55,8 +55,9 @@ def test_padding_and_masks_across_a_batch(tokenizer):
 
 
 def test_right_padding_needs_no_mask(real_routing_dir):
-    """The module drops a right-padded batch's mask (transformers backend): the loss is the masked one."""
-    from test_fast_moe import batch_of, lora_model
+    """The module drops a right-padded batch's mask (transformers backend): the loss and every LoRA gradient are
+    the masked ones."""
+    from test_fast_moe import assert_rel_close, batch_of, lora_grads, lora_model
 
     from dsocr_lightning.module import MODEL_KEYS, DeepSeekOCRModule
 
@@ -67,8 +68,14 @@ def test_right_padding_needs_no_mask(real_routing_dir):
     fake = types.SimpleNamespace(backend="transformers", model=lambda **kw: seen.update(kw) or model(**kw))
     loss = DeepSeekOCRModule.forward(fake, batch).loss
     assert seen["attention_mask"] is None
+    loss.backward()
+    unmasked = lora_grads(model)
+    model.zero_grad()
     masked = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+    masked.backward()
     assert loss.item() == pytest.approx(masked.item(), rel=1e-6)
+    for name, grad in lora_grads(model).items():
+        assert_rel_close(unmasked[name], grad, name)
     fake.backend = "unsloth"  # Unsloth's own kernels get the mask as before
     DeepSeekOCRModule.forward(fake, batch)
     assert seen["attention_mask"] is batch["attention_mask"]
