@@ -1,7 +1,8 @@
 """Fast paths patched onto the loaded model (the public model code stays as it is).
 
 - `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding);
-- `vision.py`: the remote code's vision towers run batched.
+- `vision.py`: the remote code's vision towers run batched;
+- `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards.
 Each keeps the original as its reference; tests compare them. `apply_fast_paths` logs which paths run.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compiled_layers import compile_blocker, compile_layers
 from .moe import patch_grouped_experts
 from .vision import patch_batched_vision
 
@@ -26,6 +28,9 @@ class FastPaths:
     grouped_experts: bool = True  # MoE experts as grouped matmuls (torch._grouped_mm), LoRA included
     batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
     vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
+    # decoder layers compiled (torch.compile, inductor) for training forwards; null: on a GPU, off on a CPU (where
+    # inductor's compile takes longer than a short run saves)
+    compile_layers: bool | None = None
     # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
     # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
     experts_implementation: str | None = None
@@ -66,6 +71,19 @@ def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, d
     if paths.batched_vision:
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
+    lines.append(compiled_layers_line(model, paths, device, dtype))
     for line in lines:
         log.info("fast path: %s", line)
     return lines
+
+
+def compiled_layers_line(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> str:
+    wanted = paths.compile_layers if paths.compile_layers is not None else device.type == "cuda"
+    if not wanted:
+        why = "asked" if paths.compile_layers is False else f"default on {device.type}"
+        return f"compiled decoder layers: off ({why}; eager layers)"
+    blocker = compile_blocker(model, dtype)
+    if blocker:
+        return f"compiled decoder layers: off ({blocker}; eager layers)"
+    count = compile_layers(model)
+    return f"compiled decoder layers: {count} layers, torch.compile (inductor) for training forwards"

@@ -1,0 +1,74 @@
+"""Decoder layers compiled with `torch.compile` for training (regional compilation: one layer's code, reused by all).
+
+A training micro-batch of the language model is ~600 small kernels a layer (LoRA on seven projections, rotary,
+norms, routing, casts) dispatched one by one from Python, and as many autograd nodes in backward: on an H100 the
+CPU, not the GPU, set the pace. Compiled, each layer's forward runs as a few fused kernels behind one call and its
+backward as one autograd node. The layer code is the model's own (transformers' `DeepseekV2DecoderLayer` with
+peft's LoRA and the grouped experts); `torch.compile` traces it, so the reference is the same layer run eagerly
+(tests/test_compiled_layers.py compares outputs and every LoRA gradient).
+
+Only training forwards (module in train mode, autograd on) take the compiled path: evaluation and decoding run the
+layers as they are (decoding captures its own CUDA graphs; fast/decode.py). The grouped experts' check that the
+experts still view their stacked weights reads storage pointers, which compiled code cannot: it runs in a forward
+pre-hook, eagerly, before each compiled call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .moe import ensure_bound, is_moe_layer, runs_grouped
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's decoder layers (`<...>.model.layers`), or [] where the layout differs."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(causal, "model", None), "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
+def compile_blocker(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """Why the decoder layers of `model`, computing in `dtype`, should not be compiled, or None."""
+    if not decoder_layers(model):
+        return "no decoder layers where expected"
+    moe = [layer.mlp for layer in decoder_layers(model) if is_moe_layer(getattr(layer, "mlp", None))]
+    if not all(runs_grouped(mlp) for mlp in moe):
+        return "transformers' expert loop has data-dependent shapes: a graph break at every expert"
+    if moe and dtype != torch.bfloat16:
+        return f"torch.compile's grouped matmul takes bfloat16, not {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """Give every decoder layer of `model` a compiled training forward; returns how many layers got one."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_compiled_forward", None) is not None:
+            continue  # already done
+        eager = layer.forward
+        layer._compiled_forward = torch.compile(eager, backend=backend, dynamic=None)
+        layer.forward = functools.partial(training_forward, layer, eager)
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and is_moe_layer(mlp) and runs_grouped(mlp):
+            layer.register_forward_pre_hook(functools.partial(check_experts_bound, mlp))
+    if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    return len(layers)
+
+
+def training_forward(layer: nn.Module, eager: Any, *args: Any, **kwargs: Any) -> Any:
+    """The compiled forward in training (train mode, autograd on), the layer's own everywhere else."""
+    if layer.training and torch.is_grad_enabled():
+        return layer._compiled_forward(*args, **kwargs)
+    return eager(*args, **kwargs)
+
+
+def check_experts_bound(mlp: nn.Module, _layer: nn.Module, _args: Any) -> None:
+    ensure_bound(mlp)

@@ -1,0 +1,77 @@
+"""Compiled decoder layers (fast/compiled_layers.py) equal the same layers run eagerly: loss and the gradient of every
+LoRA parameter, on the model with DeepSeek-OCR's routing and grouped experts, under bf16 autocast as training on a GPU
+runs (torch.compile's grouped matmul takes bfloat16 only). On CPU the tests compile with `aot_eager` (dynamo's trace
+and AOTAutograd's joint graph, without inductor's C++ codegen, which takes minutes on two cores); the GPU runs
+inductor (benchmarks/train_speed.py)."""
+
+import pytest
+import torch
+from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_model
+
+from dsocr_lightning.fast import FastPaths, compiled_layers_line
+from dsocr_lightning.fast.compiled_layers import compile_layers, decoder_layers
+from dsocr_lightning.module import MODEL_KEYS
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+    loss.backward()
+    return loss.item(), {k: v.clone() for k, v in lora_grads(model).items()}
+
+
+@pytest.fixture
+def compiled_pair(real_routing_dir):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    (eager, tokenizer), (compiled, _) = lora_model(real_routing_dir, True), lora_model(real_routing_dir, True)
+    assert compile_layers(compiled, backend="aot_eager") == len(decoder_layers(compiled)) > 1
+    return eager, compiled, tokenizer
+
+
+def test_loss_and_every_lora_gradient_equal_the_eager_layers(compiled_pair):
+    eager, compiled, tokenizer = compiled_pair
+    for texts in (["سلام دنیا", "کتاب ۱۲", "آب"], ["یک", "دو سه چهار پنج"]):  # a second length: dynamic shapes
+        batch = batch_of(tokenizer, texts)
+        (expected, expected_grads), (got, got_grads) = loss_and_grads(eager, batch), loss_and_grads(compiled, batch)
+        assert got == pytest.approx(expected, rel=REL)
+        assert expected_grads.keys() == got_grads.keys() and len(got_grads) > 100
+        for name, grad in expected_grads.items():
+            assert_rel_close(got_grads[name], grad, name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path did run
+
+
+def test_evaluation_and_no_grad_run_the_eager_layers(compiled_pair):
+    _, compiled, tokenizer = compiled_pair
+    batch = batch_of(tokenizer)
+    compiled.eval()
+    with torch.no_grad():
+        compiled(**{k: batch[k] for k in MODEL_KEYS})
+    compiled.train()
+    with torch.no_grad():
+        compiled(**{k: batch[k] for k in MODEL_KEYS})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing was traced
+
+
+def test_a_moved_expert_weight_is_rebound_before_the_compiled_call(compiled_pair):
+    eager, compiled, tokenizer = compiled_pair
+    batch = batch_of(tokenizer)
+    loss_and_grads(compiled, batch)
+    for model in (eager, compiled):  # breaks every expert's view of the stacked weights, as a device move does
+        for name, param in model.named_parameters():
+            if ".experts." in name and "base_layer" in name:
+                param.data = param.data.clone()
+    assert loss_and_grads(compiled, batch)[0] == pytest.approx(loss_and_grads(eager, batch)[0], rel=REL)
+
+
+def test_compiled_layers_only_where_they_apply(real_routing_dir):
+    model, _ = lora_model(real_routing_dir, True)
+    line = lambda paths, device, dtype=torch.bfloat16: compiled_layers_line(model, paths, torch.device(device), dtype)
+    assert "off (default on cpu" in line(FastPaths(), "cpu")
+    assert "off (asked" in line(FastPaths(compile_layers=False), "cuda")
+    assert "takes bfloat16, not float32" in line(FastPaths(compile_layers=True), "cpu", torch.float32)
+    looped, _ = lora_model(real_routing_dir, False)
+    assert "expert loop" in compiled_layers_line(looped, FastPaths(compile_layers=True), torch.device("cuda"),
+                                                 torch.bfloat16)  # fmt: skip
+    assert not any(hasattr(layer, "_compiled_forward") for layer in decoder_layers(model))
