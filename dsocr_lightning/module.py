@@ -163,7 +163,9 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
-        inputs = {k: batch[k] for k in keys}
+        # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
+        # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
+        inputs = {k: batch[k] for k in keys} | {"use_cache": False}
         if batch.get("right_padded") and self.backend == "transformers":
             # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:
             # without it transformers skips building a [B, 1, L, L] mask (vmap, ~24 ms of CPU a forward, measured
