@@ -13,7 +13,8 @@ the vision towers, not a graph's capture (a warm-up call of the same shape runs 
 generate). `--long N`: batch 8 with N new tokens on the first path. `--same-tokens N`: the first 32 greedy tokens
 of N lines from the first path against plain `generate` with transformers' expert loop (the model's own code,
 loaded in turn), and the fraction of lines whose 32 tokens are all equal; also the same split by cause (decoding vs
-experts; `generate` with and without the flash attention kernel). `--predict-lines N`:
+experts; `generate` with and without the flash attention kernel; graphs against the same steps run eagerly);
+`--same-tokens-fp32`: also the static steps against `generate` in float32. `--predict-lines N`:
 `python -m dsocr_lightning predict --config configs/h100.yaml` over N images of LINES_DIR/train, wall time of the
 whole process (load included) and of its prediction loop (from the run's log).
 """
@@ -44,8 +45,9 @@ CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-i
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def load(model_dir: str, loop: bool) -> tuple:
-    settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, fast=FastPaths(grouped_experts=not loop))
+def load(model_dir: str, loop: bool, dtype: str = "auto") -> tuple:
+    settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype,
+                            fast=FastPaths(grouped_experts=not loop))  # fmt: skip
     model, tokenizer, backend = load_model(settings, LoraSettings())
     model = model.to(DEVICE).eval()
     set_inference(model, backend, True)
@@ -60,9 +62,9 @@ def line_batches(args: argparse.Namespace) -> tuple:
     return data.collator(True), data.datasets["train"]
 
 
-def batch_of(collate, samples, indices) -> dict:
+def batch_of(collate, samples, indices, dtype: torch.dtype | None = None) -> dict:
     batch = move_data_to_device(collate([samples[i] for i in indices]), DEVICE)
-    dtype = torch.bfloat16 if CUDA else torch.float32
+    dtype = dtype or (torch.bfloat16 if CUDA else torch.float32)
     batch["images"] = [(c.to(dtype), g.to(dtype)) for c, g in batch["images"]]
     return batch
 
@@ -70,7 +72,8 @@ def batch_of(collate, samples, indices) -> dict:
 def timed_generate(model, tokenizer, batch: dict, new_tokens: int, path: str) -> tuple[float, torch.Tensor]:
     torch.cuda.synchronize() if CUDA else None
     start = time.perf_counter()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+    bf16 = CUDA and model.dtype == torch.bfloat16  # float32 weights (--same-tokens-fp32) decode in float32
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
         new = generate_tokens(model, tokenizer, batch, GenerationSettings(new_tokens, decoding=path))
     torch.cuda.synchronize() if CUDA else None
     return time.perf_counter() - start, new
@@ -104,9 +107,9 @@ def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list
 
 
 def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: int = 16) -> torch.Tensor:
-    """The first 32 greedy tokens of `count` lines, `[count, 32]`."""
-    parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count))), 32, path)[1].cpu()
-             for i in range(0, count, batch)]  # fmt: skip
+    """The first 32 greedy tokens of `count` lines, `[count, 32]`, in the model's dtype."""
+    parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count)), model.dtype), 32,
+                            path)[1].cpu() for i in range(0, count, batch)]  # fmt: skip
     pad = tokenizer.pad_token_id  # a batch whose rows all ended early is narrower
     return torch.cat([torch.nn.functional.pad(part, (0, 32 - part.shape[1]), value=pad) for part in parts])
 
@@ -124,6 +127,18 @@ def same_tokens(args: argparse.Namespace, lines: tuple, ours: torch.Tensor, grou
             "same_tokens_generate_grouped_vs_loop": same(grouped, loop),
             "same_tokens_generate_vs_generate_without_flash": same(loop, efficient),
             "same_tokens_vs_generate_without_flash": same(ours, efficient)}  # fmt: skip
+
+
+def same_tokens_float32(args: argparse.Namespace, lines: tuple) -> dict:
+    """The same comparison in float32 weights and arithmetic, where rounding no longer flips near-tied greedy
+    choices: the static-cache steps (run eagerly: no native grouped matmul in float32, so transformers' expert loop,
+    which a CUDA graph cannot hold) against `generate`, both with the expert loop."""
+    model, tokenizer = load(args.model_dir, loop=True, dtype="float32")
+    ours = first_tokens(model, tokenizer, lines, args.same_tokens, "static")
+    theirs = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
+    del model
+    torch.cuda.empty_cache() if CUDA else None
+    return {"same_tokens_float32_static_vs_generate": (ours == theirs).all(dim=1).float().mean().item()}
 
 
 def generate_without_flash(model, tokenizer, lines: tuple, count: int) -> torch.Tensor:
@@ -177,6 +192,7 @@ def main() -> None:
     parser.add_argument("--merged", action="store_true", help="rows of the first path with the LoRA merged too")
     parser.add_argument("--long", type=int, default=0, help="new tokens of a batch-8 long-output row (0: none)")
     parser.add_argument("--same-tokens", type=int, default=0, help="lines to compare with the loop (0: skip)")
+    parser.add_argument("--same-tokens-fp32", action="store_true", help="the same-token check in float32 too")
     parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
     args = parser.parse_args()
@@ -193,12 +209,18 @@ def main() -> None:
     if args.same_tokens:
         ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
         grouped = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
+        if CUDA and args.paths[0] == "graphs":  # a replayed graph runs the kernels the eager steps run
+            static = first_tokens(model, tokenizer, lines, args.same_tokens, "static")
+            result["same_tokens_graphs_vs_static"] = (ours == static).all(dim=1).float().mean().item()
         del model
         torch.cuda.empty_cache() if CUDA else None
         result |= same_tokens(args, lines, ours, grouped)
         result["same_tokens_paths"] = f"{args.paths[0]} vs generate with transformers' expert loop"
         result["same_tokens_lines"] = args.same_tokens
         write_json(args.json, result)
+        if args.same_tokens_fp32:
+            result |= same_tokens_float32(args, lines)
+            write_json(args.json, result)
     if args.predict_lines:
         result |= predict_speed(args)
     write_json(args.json, result)
