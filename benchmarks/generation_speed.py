@@ -176,9 +176,12 @@ def predict_speed(args: argparse.Namespace) -> dict:
             print(done.stdout[-3000:], done.stderr[-6000:], flush=True)
             return {"predict_error": done.stderr[-2000:]}
         lines = len(Path(f"{work}/out.jsonl").read_text().splitlines())
-    loop = re.search(r"predictions: (\d+) lines written to .* in ([\d.]+) s", done.stdout + done.stderr)
+    loop = re.search(r"predictions: (\d+) lines written to .* in ([\d.]+) s .*; ([\d.]+) s of it waiting",
+                     done.stdout + done.stderr)  # fmt: skip
     return {"predict_lines": lines, "predict_wall_s": wall, "predict_lines_per_s": lines / wall,
-            "predict_loop_lines_per_s": int(loop[1]) / float(loop[2]) if loop else None}  # fmt: skip
+            "predict_loop_lines_per_s": int(loop[1]) / float(loop[2]) if loop else None,
+            "predict_loop_s": float(loop[2]) if loop else None,
+            "predict_waiting_for_images_s": float(loop[3]) if loop else None}  # fmt: skip
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         self.output, self.file, self.lines, self.errors, self.start = output, None, 0, 0, 0.0
+        self.waited, self.last_end = 0.0, None  # seconds between batches: the device waits for the next batch
 
     def path_for(self, trainer: Any) -> Path:
         path = Path(self.output)
@@ -75,7 +76,19 @@ class JsonlPredictionWriter(BasePredictionWriter):
         path = self.partial_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file, self.lines, self.errors = path.open("w", encoding="utf-8"), 0, 0
-        self.start = time.perf_counter()
+        self.start, self.waited, self.last_end = time.perf_counter(), 0.0, None
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:  # fmt: skip
+        """Count the gap since the previous batch ended (its tokens already read back): the next batch's images being
+        read, collated and copied to the device while the device has nothing to do. The first batch's wait (workers
+        starting) is left out."""
+        if self.last_end is not None:
+            self.waited += time.perf_counter() - self.last_end
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self.last_end = time.perf_counter()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for record in prediction or []:
@@ -89,8 +102,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         os.replace(self.partial_path(trainer), target)
         errors = f', {self.errors} of them unusable images (lines with an "error" field)' if self.errors else ""
         seconds = time.perf_counter() - self.start
-        log.info("predictions: %d lines written to %s in %.1f s (%.1f lines/s)%s", self.lines, target, seconds,
-                 self.lines / max(seconds, 1e-9), errors)  # fmt: skip
+        log.info("predictions: %d lines written to %s in %.1f s (%.1f lines/s; %.2f s of it waiting between batches "
+                 "for images)%s", self.lines, target, seconds, self.lines / max(seconds, 1e-9), self.waited, errors)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.file is not None:

@@ -11,7 +11,7 @@ from fake_generation import dropped_chars, install
 
 from dsocr_lightning.cli import main
 from dsocr_lightning.collate import BadSampleError
-from dsocr_lightning.predict import expand_inputs
+from dsocr_lightning.predict import JsonlPredictionWriter, expand_inputs
 from dsocr_lightning.render import render_line
 
 LINE = "می\u200cخواهم ۱۲"
@@ -78,7 +78,7 @@ def test_skipped_images_get_an_error_line_and_a_log_line(standin_dir, lines_dir,
     assert all("text" in r and "error" not in r for i, r in enumerate(rows) if i != 2)
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "skipped bad sample 1: split 'predict' index 2" in messages
-    said = rf"predictions: 4 lines written to {re.escape(str(out))} in [\d.]+ s \([\d.]+ lines/s\), 1 of them unusable"
+    said = rf"predictions: 4 lines written to {re.escape(str(out))} in [\d.]+ s \([\d.]+ lines/s; [\d.]+ s of it waiting between batches for images\), 1 of them unusable"
     assert re.search(said, messages), messages
 
 
@@ -87,3 +87,21 @@ def test_error_policy_stops_and_leaves_no_partial_file(standin_dir, lines_dir, i
     with pytest.raises(BadSampleError, match=r"index 2 \(.*2.png\): unreadable image"):
         predict(standin_dir, lines_dir, out, "--data.predict_inputs", f"[{inputs_with_a_broken_image}]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "scans"]  # neither p.jsonl nor a partial one
+
+
+def test_writer_counts_the_wait_between_batches_but_not_before_the_first(tmp_path, monkeypatch):
+    from dsocr_lightning import predict
+
+    clock = iter([0.0, 10.0, 10.5, 12.0, 13.0])  # start, batch 0 end, batch 1 start, batch 1 end, batch 2 start
+    monkeypatch.setattr(predict.time, "perf_counter", lambda: next(clock))
+    loop = type("Loop", (), {"current_batch_indices": []})()
+    trainer = type("T", (), {"global_rank": 0, "world_size": 1, "predict_loop": loop})()
+    writer = JsonlPredictionWriter(str(tmp_path / "out.jsonl"))
+    writer.on_predict_start(trainer, None)
+    writer.on_predict_batch_start(trainer, None, None, 0)  # workers starting: not counted
+    writer.write_on_batch_end = lambda *args: None
+    for index in (0, 1):
+        writer.on_predict_batch_end(trainer, None, [], None, index)
+        writer.on_predict_batch_start(trainer, None, None, index + 1)
+    writer.file.close()
+    assert writer.waited == pytest.approx(0.5 + 1.0)
