@@ -42,6 +42,16 @@ def test_loss_and_every_lora_gradient_equal_the_eager_layers(compiled_pair):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path did run
 
 
+def test_a_layer_past_the_recompile_limit_says_so_and_runs_eagerly(compiled_pair, caplog):
+    eager, compiled, tokenizer = compiled_pair
+    batch = batch_of(tokenizer)
+    with torch._dynamo.config.patch(recompile_limit=1):  # the MoE layers' first call needs a second entry
+        expected, got = loss_and_grads(eager, batch)[0], loss_and_grads(compiled, batch)[0]
+    assert got == pytest.approx(expected, rel=REL)
+    assert "hit torch.compile's recompile limit and runs eagerly" in caplog.text
+    assert any(layer._compiled_forward is None for layer in decoder_layers(compiled))
+
+
 def test_evaluation_and_no_grad_run_the_eager_layers(compiled_pair):
     _, compiled, tokenizer = compiled_pair
     batch = batch_of(tokenizer)

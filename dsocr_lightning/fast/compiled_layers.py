@@ -50,7 +50,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """Give every decoder layer of `model` a compiled training forward; returns how many layers got one."""
     layers = decoder_layers(model)
     for layer in layers:
-        if getattr(layer, "_compiled_forward", None) is not None:
+        if hasattr(layer, "_compiled_forward"):
             continue  # already done
         eager = layer.forward
         layer._compiled_forward = torch.compile(eager, backend=backend, dynamic=None)
@@ -60,13 +60,19 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
             layer.register_forward_pre_hook(functools.partial(check_experts_bound, mlp))
     if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # raise, not a quiet switch to eager: see below
     return len(layers)
 
 
 def training_forward(layer: nn.Module, eager: Any, *args: Any, **kwargs: Any) -> Any:
     """The compiled forward in training (train mode, autograd on), the layer's own everywhere else."""
-    if layer.training and torch.is_grad_enabled():
-        return layer._compiled_forward(*args, **kwargs)
+    if layer.training and torch.is_grad_enabled() and layer._compiled_forward is not None:
+        try:
+            return layer._compiled_forward(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:  # said once, this layer eager from now on
+            log.warning("compiled decoder layers: layer %s hit torch.compile's recompile limit and runs eagerly from "
+                        "now on (%s)", getattr(layer.self_attn, "layer_idx", "?"), str(error).splitlines()[0])  # fmt: skip
+            layer._compiled_forward = None
     return eager(*args, **kwargs)
 
 
