@@ -53,13 +53,11 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 
 def measure(model, tokenizer, batch) -> dict:
-    model.zero_grad(set_to_none=True)
-    model.train()
-    loss = model(**{k: batch[k] for k in MODEL_KEYS}).loss
-    loss.backward()
+    """Loss and LoRA gradients in float32, then 16 greedy tokens per line."""
+    result = train_measure(model, batch, bf16=False)
     model.eval()
     tokens = generate_tokens(model, tokenizer, batch, GenerationSettings(max_new_tokens=16))
-    return {"loss": loss.item(), "grads": lora_grads(model), "tokens": tokens.cpu()}
+    return result | {"tokens": tokens.cpu()}
 
 
 def train_measure(model, batch, bf16: bool = True) -> dict:

@@ -114,6 +114,11 @@ def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: i
     return torch.cat([torch.nn.functional.pad(part, (0, 32 - part.shape[1]), value=pad) for part in parts])
 
 
+def same_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The fraction of rows of two [lines, 32] token tensors that are equal throughout."""
+    return (a == b).all(dim=1).float().mean().item()
+
+
 def same_tokens(args: argparse.Namespace, lines: tuple, ours: torch.Tensor, grouped: torch.Tensor) -> dict:
     """Fractions of lines whose first 32 tokens agree: ours against plain `generate` with transformers' expert loop
     (the issue's figure), and, to tell decoding from the experts apart, ours against `generate` with the grouped
@@ -122,11 +127,11 @@ def same_tokens(args: argparse.Namespace, lines: tuple, ours: torch.Tensor, grou
     loop = first_tokens(model, tokenizer, lines, len(ours), "generate")
     efficient = generate_without_flash(model, tokenizer, lines, len(ours))
     del model
-    same = lambda a, b: (a == b).all(dim=1).float().mean().item()
-    return {"same_tokens_fraction": same(ours, loop), "same_tokens_vs_generate_grouped": same(ours, grouped),
-            "same_tokens_generate_grouped_vs_loop": same(grouped, loop),
-            "same_tokens_generate_vs_generate_without_flash": same(loop, efficient),
-            "same_tokens_vs_generate_without_flash": same(ours, efficient)}  # fmt: skip
+    pairs = {"same_tokens_fraction": (ours, loop), "same_tokens_vs_generate_grouped": (ours, grouped),
+             "same_tokens_generate_grouped_vs_loop": (grouped, loop),
+             "same_tokens_generate_vs_generate_without_flash": (loop, efficient),
+             "same_tokens_vs_generate_without_flash": (ours, efficient)}  # fmt: skip
+    return {name: same_fraction(*pair) for name, pair in pairs.items()}
 
 
 def same_tokens_float32(args: argparse.Namespace, lines: tuple) -> dict:
@@ -138,7 +143,7 @@ def same_tokens_float32(args: argparse.Namespace, lines: tuple) -> dict:
     theirs = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
     del model
     torch.cuda.empty_cache() if CUDA else None
-    return {"same_tokens_float32_static_vs_generate": (ours == theirs).all(dim=1).float().mean().item()}
+    return {"same_tokens_float32_static_vs_generate": same_fraction(ours, theirs)}
 
 
 def generate_without_flash(model, tokenizer, lines: tuple, count: int) -> torch.Tensor:
@@ -214,7 +219,7 @@ def main() -> None:
         grouped = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
         if CUDA and args.paths[0] == "graphs":  # a replayed graph runs the kernels the eager steps run
             static = first_tokens(model, tokenizer, lines, args.same_tokens, "static")
-            result["same_tokens_graphs_vs_static"] = (ours == static).all(dim=1).float().mean().item()
+            result["same_tokens_graphs_vs_static"] = same_fraction(ours, static)
         del model
         torch.cuda.empty_cache() if CUDA else None
         result |= same_tokens(args, lines, ours, grouped)

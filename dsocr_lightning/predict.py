@@ -103,7 +103,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         errors = f', {self.errors} of them unusable images (lines with an "error" field)' if self.errors else ""
         seconds = time.perf_counter() - self.start
         log.info("predictions: %d lines written to %s in %.1f s (%.1f lines/s; %.2f s of it waiting between batches "
-                 "for images)%s", self.lines, target, seconds, self.lines / max(seconds, 1e-9), self.waited, errors)
+                 "for images)%s", self.lines, target, seconds, self.lines / max(seconds, 1e-9), self.waited, errors)  # fmt: skip
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.file is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsocr_lightning.cli import main
+from dsocr_lightning.fast.layout import decoder_layers
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 CLIP = 0.05  # small enough that the demo's gradients exceed it: clipping must act
@@ -49,10 +50,6 @@ class Probe(L.Callback):
 
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_modes.append(any(m.training for m in module.model.modules()))
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    return list(model.get_base_model().model.layers)
 
 
 def fit_with_probe(standin_dir, lines_dir, run_dir, *extra: str) -> tuple[Probe, object]:

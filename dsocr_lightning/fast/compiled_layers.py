@@ -9,8 +9,8 @@ peft's LoRA and the grouped experts); `torch.compile` traces it, so the referenc
 
 Only training forwards (module in train mode, autograd on) take the compiled path: evaluation and decoding run the
 layers as they are (decoding captures its own CUDA graphs; fast/decode.py). The grouped experts' check that the
-experts still view their stacked weights reads storage pointers, which compiled code cannot: it runs in a forward
-pre-hook, eagerly, before each compiled call.
+experts still view their stacked weights reads storage pointers, which compiled code cannot: it runs eagerly,
+before each compiled call.
 """
 
 from __future__ import annotations
@@ -22,23 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import decoder_layers
 from .moe import ensure_bound, is_moe_layer, runs_grouped
 
 log = logging.getLogger(__name__)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The language model's decoder layers (`<...>.model.layers`), or [] where the layout differs."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(causal, "model", None), "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
-
-
 def compile_blocker(model: nn.Module, dtype: torch.dtype) -> str | None:
     """Why the decoder layers of `model`, computing in `dtype`, should not be compiled, or None."""
-    if not decoder_layers(model):
+    layers = decoder_layers(model)
+    if not layers:
         return "no decoder layers where expected"
-    moe = [layer.mlp for layer in decoder_layers(model) if is_moe_layer(getattr(layer, "mlp", None))]
+    moe = [layer.mlp for layer in layers if is_moe_layer(getattr(layer, "mlp", None))]
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop has data-dependent shapes: a graph break at every expert"
     if moe and dtype != torch.bfloat16:
@@ -55,9 +50,6 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
         eager = layer.forward
         layer._compiled_forward = torch.compile(eager, backend=backend, dynamic=None)
         layer.forward = functools.partial(training_forward, layer, eager)
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and is_moe_layer(mlp) and runs_grouped(mlp):
-            layer.register_forward_pre_hook(functools.partial(check_experts_bound, mlp))
     if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # raise, not a quiet switch to eager: see below
@@ -67,6 +59,9 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
 def training_forward(layer: nn.Module, eager: Any, *args: Any, **kwargs: Any) -> Any:
     """The compiled forward in training (train mode, autograd on), the layer's own everywhere else."""
     if layer.training and torch.is_grad_enabled() and layer._compiled_forward is not None:
+        mlp = getattr(layer, "mlp", None)
+        if is_moe_layer(mlp) and runs_grouped(mlp):
+            ensure_bound(mlp)  # what grouped_moe checks itself when it runs eagerly
         try:
             return layer._compiled_forward(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:  # said once, this layer eager from now on
@@ -74,7 +69,3 @@ def training_forward(layer: nn.Module, eager: Any, *args: Any, **kwargs: Any) ->
                         "now on (%s)", getattr(layer.self_attn, "layer_idx", "?"), str(error).splitlines()[0])  # fmt: skip
             layer._compiled_forward = None
     return eager(*args, **kwargs)
-
-
-def check_experts_bound(mlp: nn.Module, _layer: nn.Module, _args: Any) -> None:
-    ensure_bound(mlp)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .layout import causal_lm
 from .moe import is_moe_layer, runs_grouped
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class DecoderParts:
 
 def decoder_parts(model: nn.Module) -> DecoderParts | None:
     """The decode-step pieces of `model` (a peft model or not), or None where its layout is not the one expected."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     inner = getattr(causal, "model", None)
     needed = ("embed_tokens", "rotary_emb", "layers", "norm")
     if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(causal, "lm_head"):
@@ -214,7 +215,7 @@ def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: t
     float32, DynamicCache). lm_head runs on the last position only."""
     from transformers.cache_utils import DynamicCache
 
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     positions = torch.arange(prompt.shape[1], device=prompt.device)
     inputs = causal.prepare_inputs_for_generation(prompt, past_key_values=DynamicCache(), attention_mask=mask,
                                                   use_cache=True, cache_position=positions, **images)  # fmt: skip

@@ -122,7 +122,7 @@ def lora_stack(stack: ProjectionStack) -> LoraStack | None:
 
 def grouped_moe(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor):
     """Drop-in for `DeepseekV2MoE.moe`: hidden [T, H], topk_ids / topk_weight [T, K] -> [T, H]."""
-    # compiled code cannot read storage pointers: compiled layers check the binding in a pre-hook instead
+    # compiled code cannot read storage pointers: compiled layers check the binding before their call instead
     stacks = module._grouped_stacks if torch.compiler.is_compiling() else ensure_bound(module)
     routing = route(topk_ids, len(module.experts))
     x = hidden[routing.tokens]  # [N, H], sorted by expert
