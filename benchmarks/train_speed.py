@@ -25,6 +25,7 @@ from common import ROOT, WARMUP, commit, scalars, write_json
 
 GUIDE = ["--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.gradient_checkpointing", "true"]
 COMPILED = ["--model.fast.compile_layers", "true"]
+GRAPHS = COMPILED + ["--model.fast.layer_graphs", "true"]
 LOOP = ["--model.fast.grouped_experts", "false", "--model.fast.batched_vision", "false"]
 # name: (config, extra flags, micro-batch, accumulation, precision)
 RUNS = {
@@ -32,11 +33,14 @@ RUNS = {
     "guide": ("h100", GUIDE, 2, 4, "bf16-mixed"),  # the guide's settings, fast paths as shipped (eager layers)
     "guide_compiled": ("h100", GUIDE + COMPILED, 2, 4, "bf16-mixed"),  # the same, decoder layers compiled
     "guide_no_ckpt_compiled": ("h100", GUIDE[:4] + COMPILED, 2, 4, "bf16-mixed"),  # no recomputation (80 GB)
+    "guide_graphs": ("h100", GUIDE[:4] + GRAPHS, 2, 4, "bf16-mixed"),  # compiled layers as CUDA graphs
     "h100": ("h100", [], 8, 1, "bf16-mixed"),  # configs/h100.yaml as shipped
     "h100_compiled": ("h100", COMPILED, 8, 1, "bf16-mixed"),
+    "h100_graphs": ("h100", GRAPHS, 8, 1, "bf16-mixed"),
     "mb2": ("h100", ["--data.batch_size", "2"], 2, 1, "bf16-mixed"),
     "mb32": ("h100", ["--data.batch_size", "32"], 32, 1, "bf16-mixed"),
     "mb32_compiled": ("h100", ["--data.batch_size", "32"] + COMPILED, 32, 1, "bf16-mixed"),
+    "mb32_graphs": ("h100", ["--data.batch_size", "32"] + GRAPHS, 32, 1, "bf16-mixed"),
     "t4": ("t4", ["--model.dtype", "float16"], 2, 4, "16-mixed"),  # T4 settings (fp16 weights) on this GPU
 }
 

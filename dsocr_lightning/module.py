@@ -24,6 +24,7 @@ from .checkpoints import best_checkpoint
 from .checks import ConfigError, check_precision, out_of_memory_message
 from .fast import FastPaths
 from .fast.decode import release_decoder
+from .fast.layer_graphs import graphs_active, pad_length, skipped_graphs, stable_grads
 from .fast.moe import looped_expert_layers
 from .folders import replaced_folder
 from .generation import GenerationSettings, generate_texts
@@ -118,6 +119,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
         self.threads_before = 0  # torch's intra-op threads before `cpu_threads` changed them
+        self.graph_pad = 0  # > 0: the decoder layers train as CUDA graphs, on batches padded to a multiple of it
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -152,6 +154,7 @@ class DeepSeekOCRModule(L.LightningModule):
             # what HF Trainer gives the reference (LoRA dropout, gradient checkpointing); the evaluation loops
             # switch to eval mode and back themselves.
             self.model.train()
+            self.graph_pad = self.load_settings.fast.graph_pad_multiple if graphs_active(self.model) else 0
 
     @property
     def data_parallel(self) -> bool:
@@ -161,10 +164,19 @@ class DeepSeekOCRModule(L.LightningModule):
     def on_fit_start(self) -> None:
         check_data_parallel(self.trainer.strategy.model, self.model)
 
+    def on_train_start(self) -> None:
+        if self.graph_pad:  # a backward graph's next replay overwrites its outputs: .grad must own its memory
+            stable_grads(p for p in self.parameters() if p.requires_grad)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need
+
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
         # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
         # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
+        if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
+            batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
         inputs = {k: batch[k] for k in keys} | {"use_cache": False}
         if batch.get("right_padded") and self.backend == "transformers":
             # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:
@@ -238,6 +250,8 @@ class DeepSeekOCRModule(L.LightningModule):
         self.log("train/grad_norm", gradient_norm(optimizer), on_step=True)  # before clipping, as HF logs it
         self.train_loss.reset()
         self.nonfinite_skips.reset()
+        if self.graph_pad and self.global_step == 0:
+            report_layer_graphs()
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -364,6 +378,16 @@ def trainable_weights_from(module: L.LightningModule, checkpoint: str) -> Iterat
         finally:
             for key, value in kept.items():
                 params[key].copy_(value)
+
+
+def report_layer_graphs() -> None:
+    """Say whether the layers' first forwards and backwards were taken as CUDA graphs (torch skips quietly)."""
+    skipped = skipped_graphs()
+    if skipped:
+        log.warning("layer CUDA graphs: torch skipped %d compiled graphs, which run without CUDA graphs (compiled "
+                    "only); TORCH_LOGS=perf_hints says why", skipped)  # fmt: skip
+    else:
+        rank_zero_info("layer CUDA graphs: every compiled layer graph runs as a CUDA graph")
 
 
 def check_data_parallel(wrapper: Any, model: Any) -> None:

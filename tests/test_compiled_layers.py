@@ -78,9 +78,10 @@ def test_a_moved_expert_weight_is_rebound_before_the_compiled_call(compiled_pair
 
 def test_compiled_layers_are_opt_in_and_only_where_they_apply(real_routing_dir):
     model, _ = lora_model(real_routing_dir, True)
-    line = lambda paths, dtype=torch.bfloat16: compiled_layers_line(model, paths, dtype)
+    line = lambda paths, dtype=torch.bfloat16: compiled_layers_line(model, paths, torch.device("cpu"), dtype)
     assert "off (eager layers; opt-in" in line(FastPaths())
     assert "takes bfloat16, not float32" in line(FastPaths(compile_layers=True), torch.float32)
     looped, _ = lora_model(real_routing_dir, False)
-    assert "expert loop" in compiled_layers_line(looped, FastPaths(compile_layers=True), torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert "expert loop" in compiled_layers_line(looped, FastPaths(compile_layers=True), cpu, torch.bfloat16)
     assert not any(hasattr(layer, "_compiled_forward") for layer in decoder_layers(model))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .compiled_layers import compile_blocker, compile_layers
+from .layer_graphs import GRAPH_MODE, graph_blocker
 from .moe import patch_grouped_experts
 from .vision import patch_batched_vision
 
@@ -32,6 +33,11 @@ class FastPaths:
     # GPU, but on the GPU its losses of steps 3-5 moved up to 0.06 from the eager layers' (the eager path and the
     # reference recipe agree within 0.003), unexplained yet: opt-in (benchmarks/README.md)
     compile_layers: bool = False
+    # CUDA graphs of the compiled layers' training forward and backward (torch.compile's reduce-overhead mode): needs
+    # compile_layers, a CUDA device and gradient checkpointing off; batches padded to a multiple of graph_pad_multiple
+    # tokens (a graph holds one length)
+    layer_graphs: bool = False
+    graph_pad_multiple: int = 32
     # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
     # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
     experts_implementation: str | None = None
@@ -72,17 +78,23 @@ def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, d
     if paths.batched_vision:
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
-    lines.append(compiled_layers_line(model, paths, dtype))
+    lines.append(compiled_layers_line(model, paths, device, dtype))
     for line in lines:
         log.info("fast path: %s", line)
     return lines
 
 
-def compiled_layers_line(model: nn.Module, paths: FastPaths, dtype: torch.dtype) -> str:
+def compiled_layers_line(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> str:
     if not paths.compile_layers:
-        return "compiled decoder layers: off (eager layers; opt-in: fast.compile_layers)"
+        graphs = "; fast.layer_graphs needs them" if paths.layer_graphs else ""
+        return f"compiled decoder layers: off (eager layers; opt-in: fast.compile_layers{graphs})"
     blocker = compile_blocker(model, dtype)
     if blocker:
         return f"compiled decoder layers: off ({blocker}; eager layers)"
-    count = compile_layers(model)
-    return f"compiled decoder layers: {count} layers, torch.compile (inductor) for training forwards"
+    graph_blocked = graph_blocker(model, device) if paths.layer_graphs else None
+    mode = GRAPH_MODE if paths.layer_graphs and graph_blocked is None else None
+    count = compile_layers(model, mode=mode)
+    line = f"compiled decoder layers: {count} layers, torch.compile (inductor) for training forwards"
+    if mode:
+        return f"{line}, as CUDA graphs (sequences padded to a multiple of {paths.graph_pad_multiple} tokens)"
+    return f"{line}; CUDA graphs: {f'off ({graph_blocked})' if graph_blocked else 'off (opt-in: fast.layer_graphs)'}"

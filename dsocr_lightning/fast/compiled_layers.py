@@ -41,14 +41,16 @@ def compile_blocker(model: nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
-    """Give every decoder layer of `model` a compiled training forward; returns how many layers got one."""
+def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """Give every decoder layer of `model` a compiled training forward; returns how many layers got one. `mode`:
+    torch.compile's (`reduce-overhead`: CUDA graphs of each layer's forward and backward, fast/layer_graphs.py)."""
     layers = decoder_layers(model)
     for layer in layers:
         if hasattr(layer, "_compiled_forward"):
             continue  # already done
         eager = layer.forward
-        layer._compiled_forward = torch.compile(eager, backend=backend, dynamic=None)
+        layer._compiled_forward = torch.compile(eager, backend=backend, mode=mode, dynamic=None)
+        layer._compile_mode = mode
         layer.forward = functools.partial(training_forward, layer, eager)
     if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)

@@ -1,0 +1,73 @@
+"""CUDA graphs of the compiled decoder layers in training (torch.compile's `reduce-overhead` mode).
+
+Compiled, a layer's training forward is still a few dozen kernels launched from Python, and its backward as many:
+at the guide's micro-batch of 2 lines an H100 stayed 20-50 % busy, waiting on the CPU. Replayed as CUDA graphs
+(torch's cudagraph trees: one graph per layer forward and backward, per sequence length), a layer costs the CPU
+one replay. What graphs need, and what this module provides:
+- few shapes: a graph holds one sequence length, so training batches are padded on the right to a multiple of
+  `graph_pad_multiple` tokens (`pad_length`; under causal attention real tokens never see the padding and the
+  loss ignores it: the same loss, tests/test_layer_graphs.py);
+- stable gradient buffers: a backward graph's outputs are overwritten by its next replay, so with gradient
+  accumulation `.grad` must be a tensor of its own, allocated before the first backward and zeroed in place
+  (`stable_grads`; the module then zeroes with `set_to_none=False`);
+- no recomputation inside backward (gradient checkpointing off) and a CUDA device (`graph_blocker`).
+torch skips graphs it cannot capture and says so only in a log line: `skipped_graphs` counts those skips, and the
+module reports them after the first optimizer step, so the path that ran is the path logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import causal_lm, decoder_layers
+
+GRAPH_MODE = "reduce-overhead"
+PAD_VALUES = {"labels": -100, "images_seq_mask": False, "attention_mask": 0}  # input_ids: the tokenizer's PAD
+
+
+def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
+    """Why the compiled layers of `model` on `device` cannot run as CUDA graphs, or None."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if getattr(getattr(causal_lm(model), "model", None), "gradient_checkpointing", False):
+        return "gradient checkpointing recomputes the layers inside backward (--model.gradient_checkpointing false)"
+    return None
+
+
+def graphs_active(model: nn.Module) -> bool:
+    """Do the decoder layers of `model` train through CUDA graphs?"""
+    layers = decoder_layers(model)
+    return bool(layers) and all(getattr(layer, "_compile_mode", None) == GRAPH_MODE for layer in layers)
+
+
+def pad_length(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
+    """`batch` with its token tensors ([B, L]) padded on the right to a length that is a multiple of `multiple`."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if extra == 0:
+        return batch
+    values = PAD_VALUES | {"input_ids": pad_id}
+    padded = {key: F.pad(batch[key], (0, extra), value=value) for key, value in values.items() if key in batch}
+    return batch | padded
+
+
+def stable_grads(params: Iterable[torch.Tensor]) -> int:
+    """Give every parameter without one a zeroed `.grad` of its own; returns how many got one."""
+    count = 0
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+            count += 1
+    return count
+
+
+def skipped_graphs() -> int:
+    """How many compiled graphs torch ran without CUDA graphs in this process (why: TORCH_LOGS=perf_hints)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])

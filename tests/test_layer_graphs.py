@@ -1,0 +1,94 @@
+"""CUDA graphs of the compiled decoder layers (fast/layer_graphs.py): what they need from the training step (padded
+lengths, gradient buffers of their own) leaves the loss and gradients as they were; where graphs cannot run, the log
+says why. The graphs themselves run on a GPU only (the `gpu` test; benchmarks/train_speed.py)."""
+
+import types
+
+import pytest
+import torch
+from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_model
+
+from dsocr_lightning.fast import FastPaths, compiled_layers_line
+from dsocr_lightning.fast.compiled_layers import compile_layers
+from dsocr_lightning.fast.layer_graphs import GRAPH_MODE, graph_blocker, graphs_active, pad_length, stable_grads
+from dsocr_lightning.module import MODEL_KEYS, DeepSeekOCRModule
+
+
+def module_loss(model, tokenizer, batch, graph_pad: int) -> torch.Tensor:
+    """The module's training forward (padding included) on `model`, without a Trainer."""
+    fake = types.SimpleNamespace(backend="transformers", model=model, graph_pad=graph_pad, training=True,
+                                 tokenizer=tokenizer)  # fmt: skip
+    return DeepSeekOCRModule.forward(fake, batch).loss
+
+
+def test_padding_to_a_multiple_keeps_the_loss_and_every_gradient(real_routing_dir):
+    model, tokenizer = lora_model(real_routing_dir, grouped=True)
+    batch = batch_of(tokenizer, ["سلام دنیا و یک خط بلند", "آب"])
+    length = batch["input_ids"].shape[1]
+    padded = pad_length(batch, 64, tokenizer.pad_token_id)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > length
+    assert (padded["labels"][:, length:] == -100).all() and not padded["images_seq_mask"][:, length:].any()
+    assert (padded["input_ids"][:, length:] == tokenizer.pad_token_id).all()
+    grads = []
+    for pad in (0, 64):
+        model.zero_grad(set_to_none=True)
+        loss = module_loss(model, tokenizer, batch, pad)
+        loss.backward()
+        grads.append((loss.item(), {k: v.clone() for k, v in lora_grads(model).items()}))
+    (plain, plain_grads), (got, got_grads) = grads
+    assert got == pytest.approx(plain, rel=REL)
+    for name, grad in plain_grads.items():
+        assert_rel_close(got_grads[name], grad, name)
+    assert pad_length(padded, 64, tokenizer.pad_token_id) is padded  # already a multiple: untouched
+
+
+def test_stable_gradients_accumulate_in_their_own_memory():
+    layer = torch.nn.Linear(4, 3)
+    assert stable_grads(layer.parameters()) == 2
+    pointer = layer.weight.grad.data_ptr()
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        layer(x).sum().backward()
+    assert layer.weight.grad.data_ptr() == pointer
+    assert torch.allclose(layer.weight.grad, 2 * torch.ones(3, 1) * x.sum(0))
+    assert stable_grads(layer.parameters()) == 0  # buffers already there are kept
+
+
+def test_graphs_are_refused_where_they_cannot_run_and_the_log_says_why(real_routing_dir):
+    model, _ = lora_model(real_routing_dir, True)
+    paths = FastPaths(compile_layers=True, layer_graphs=True)
+    assert "CUDA graphs need a CUDA device, not cpu" in graph_blocker(model, torch.device("cpu"))
+    line = compiled_layers_line(model, paths, torch.device("cpu"), torch.bfloat16)
+    assert "CUDA graphs: off (CUDA graphs need a CUDA device" in line and not graphs_active(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert "gradient checkpointing" in graph_blocker(model, torch.device("cuda"))
+    assert "fast.layer_graphs needs them" in compiled_layers_line(
+        model, FastPaths(layer_graphs=True), torch.device("cuda"), torch.bfloat16
+    )
+
+
+@pytest.mark.gpu
+def test_layer_graphs_give_the_compiled_layers_losses_and_gradients(real_routing_dir):
+    """Three accumulated micro-batches of two lengths (warm-up, recording and replays of both): the graphed layers'
+    gradients equal those of the same compiled layers without graphs (bf16 autocast, as training runs)."""
+    results = []
+    for mode in (None, GRAPH_MODE):
+        torch._dynamo.reset()
+        model, tokenizer = lora_model(real_routing_dir, True)
+        model = model.cuda()
+        compile_layers(model, mode=mode)
+        params = [p for p in model.parameters() if p.requires_grad]
+        stable_grads(params)
+        losses = []
+        for texts in (["سلام دنیا", "آب"], ["یک دو سه چهار پنج شش هفت هشت نه ده یازده دوازده", "آب"]) * 2:
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch_of(tokenizer, texts).items()}
+            batch["images"] = [(c.cuda(), g.cuda()) for c, g in batch["images"]]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = module_loss(model, tokenizer, batch, 32)
+            loss.backward()
+            losses.append(loss.item())
+        results.append((losses, {k: v.float().cpu() for k, v in lora_grads(model).items()}))
+    (losses, grads), (graph_losses, graph_grads) = results
+    assert graph_losses == pytest.approx(losses, rel=1e-3)
+    for name, grad in grads.items():
+        assert (graph_grads[name] - grad).norm() <= 1e-2 * grad.norm() + 1e-8, name
