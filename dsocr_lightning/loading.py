@@ -136,7 +136,7 @@ def load_model(
     if backend == "unsloth":  # its compiled decoder layers may not call the patched methods: leave them as built
         rank_zero_info("fast paths: not applied on the Unsloth backend (its compiled layers are left as it built them)")
     else:
-        apply_fast_paths(model, settings.fast, device, compute_dtype)
+        apply_fast_paths(model, settings.fast, device, compute_dtype, data_parallel)
     return model, tokenizer, backend
 
 

@@ -177,6 +177,7 @@ class DeepSeekOCRModule(L.LightningModule):
         # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
         if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
             batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
+            torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's backward ran: its buffers are free
         inputs = {k: batch[k] for k in keys} | {"use_cache": False}
         if batch.get("right_padded") and self.backend == "transformers":
             # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:

@@ -76,12 +76,16 @@ def test_a_moved_expert_weight_is_rebound_before_the_compiled_call(compiled_pair
     assert loss_and_grads(compiled, batch)[0] == pytest.approx(loss_and_grads(eager, batch)[0], rel=REL)
 
 
-def test_compiled_layers_are_opt_in_and_only_where_they_apply(real_routing_dir):
+def test_compiled_layers_run_only_where_they_apply_and_the_log_says_why(real_routing_dir):
     model, _ = lora_model(real_routing_dir, True)
-    line = lambda paths, dtype=torch.bfloat16: compiled_layers_line(model, paths, torch.device("cpu"), dtype)
-    assert "off (eager layers; opt-in" in line(FastPaths())
-    assert "takes bfloat16, not float32" in line(FastPaths(compile_layers=True), torch.float32)
+    cpu, cuda, on = torch.device("cpu"), torch.device("cuda"), FastPaths(compile_layers=True)
+    line = lambda paths, device=cuda, dtype=torch.bfloat16, ddp=False: compiled_layers_line(
+        model, paths, device, dtype, ddp
+    )
+    assert "off (fast.compile_layers false" in line(FastPaths(compile_layers=False))
+    assert "takes bfloat16, not float32" in line(on, dtype=torch.float32)
+    assert "on a GPU only: on cpu" in line(on, cpu)
+    assert "data-parallel" in line(on, ddp=True)
     looped, _ = lora_model(real_routing_dir, False)
-    cpu = torch.device("cpu")
-    assert "expert loop" in compiled_layers_line(looped, FastPaths(compile_layers=True), cpu, torch.bfloat16)
+    assert "expert loop" in compiled_layers_line(looped, on, cuda, torch.bfloat16)
     assert not any(hasattr(layer, "_compiled_forward") for layer in decoder_layers(model))

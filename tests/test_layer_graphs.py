@@ -6,12 +6,15 @@ import types
 
 import pytest
 import torch
+from test_fast_decode import noise_image
 from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_model
 
+from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths, compiled_layers_line
 from dsocr_lightning.fast.compiled_layers import compile_layers
-from dsocr_lightning.fast.layer_graphs import GRAPH_MODE, graph_blocker, graphs_active, pad_length, stable_grads
-from dsocr_lightning.module import MODEL_KEYS, DeepSeekOCRModule
+from dsocr_lightning.fast.layer_graphs import graph_blocker, graphs_active, pad_length, stable_grads
+from dsocr_lightning.images import MODES
+from dsocr_lightning.module import DeepSeekOCRModule
 
 
 def module_loss(model, tokenizer, batch, graph_pad: int) -> torch.Tensor:
@@ -54,37 +57,43 @@ def test_stable_gradients_accumulate_in_their_own_memory():
     assert stable_grads(layer.parameters()) == 0  # buffers already there are kept
 
 
-def test_graphs_are_refused_where_they_cannot_run_and_the_log_says_why(real_routing_dir):
-    model, _ = lora_model(real_routing_dir, True)
-    paths = FastPaths(compile_layers=True, layer_graphs=True)
-    assert "CUDA graphs need a CUDA device, not cpu" in graph_blocker(model, torch.device("cpu"))
-    line = compiled_layers_line(model, paths, torch.device("cpu"), torch.bfloat16)
-    assert "CUDA graphs: off (CUDA graphs need a CUDA device" in line and not graphs_active(model)
+def test_graphs_are_refused_with_gradient_checkpointing_and_the_log_says_why(real_routing_dir):
+    model, _ = lora_model(real_routing_dir, True)  # loaded as the guide trains: gradient checkpointing on
+    cuda, paths = torch.device("cuda"), FastPaths(compile_layers=True, layer_graphs=True)
+    assert "gradient checkpointing" in graph_blocker(model)
+    model.gradient_checkpointing_disable()
+    assert graph_blocker(model) is None
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert "gradient checkpointing" in graph_blocker(model, torch.device("cuda"))
-    assert "fast.layer_graphs needs them" in compiled_layers_line(
-        model, FastPaths(layer_graphs=True), torch.device("cuda"), torch.bfloat16
-    )
+    line = compiled_layers_line(model, paths, cuda, torch.bfloat16)  # wraps the layers; nothing runs on CUDA here
+    assert "CUDA graphs: off (gradient checkpointing" in line and not graphs_active(model)
+    assert "as CUDA graphs" not in line
+
+
+def noise_batch(tokenizer, texts: list[str]) -> dict:
+    """A CUDA batch of random-pixel images (the GPU machine may lack Persian shaping) with `texts` as labels."""
+    generator = torch.Generator().manual_seed(len(texts[0]))
+    samples = [{"image": noise_image(generator, 100 + 50 * i), "text": text} for i, text in enumerate(texts)]
+    batch = OCRCollator(tokenizer, MODES["tiny"])(samples)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["images"] = [(c.cuda(), g.cuda()) for c, g in batch["images"]]
+    return batch
 
 
 @pytest.mark.gpu
 def test_layer_graphs_give_the_compiled_layers_losses_and_gradients(real_routing_dir):
-    """Three accumulated micro-batches of two lengths (warm-up, recording and replays of both): the graphed layers'
-    gradients equal those of the same compiled layers without graphs (bf16 autocast, as training runs)."""
+    """Four accumulated micro-batches of two lengths (warm-up, recording and replays of both): the graphed layers'
+    losses and gradients equal those of the same compiled layers without graphs (bf16 autocast, as training runs)."""
     results = []
-    for mode in (None, GRAPH_MODE):
+    for graphs in (False, True):
         torch._dynamo.reset()
         model, tokenizer = lora_model(real_routing_dir, True)
         model = model.cuda()
-        compile_layers(model, mode=mode)
-        params = [p for p in model.parameters() if p.requires_grad]
-        stable_grads(params)
+        compile_layers(model, graphs=graphs)
+        stable_grads(p for p in model.parameters() if p.requires_grad)
         losses = []
-        for texts in (["سلام دنیا", "آب"], ["یک دو سه چهار پنج شش هفت هشت نه ده یازده دوازده", "آب"]) * 2:
-            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch_of(tokenizer, texts).items()}
-            batch["images"] = [(c.cuda(), g.cuda()) for c, g in batch["images"]]
+        for texts in (["abc def", "xy"], ["a long line of text that needs another graph length", "z"]) * 2:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = module_loss(model, tokenizer, batch, 32)
+                loss = module_loss(model, tokenizer, noise_batch(tokenizer, texts), 32)
             loss.backward()
             losses.append(loss.item())
         results.append((losses, {k: v.float().cpu() for k, v in lora_grads(model).items()}))

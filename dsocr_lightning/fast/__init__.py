@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .compiled_layers import compile_blocker, compile_layers
-from .layer_graphs import GRAPH_MODE, graph_blocker
+from .layer_graphs import graph_blocker
 from .moe import patch_grouped_experts
 from .vision import patch_batched_vision
 
@@ -29,14 +29,13 @@ class FastPaths:
     grouped_experts: bool = True  # MoE experts as grouped matmuls (torch._grouped_mm), LoRA included
     batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
     vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
-    # decoder layers compiled (torch.compile, inductor) for training forwards: 1.2-1.6x the steps per second on one
-    # GPU, but on the GPU its losses of steps 3-5 moved up to 0.06 from the eager layers' (the eager path and the
-    # reference recipe agree within 0.003), unexplained yet: opt-in (benchmarks/README.md)
-    compile_layers: bool = False
-    # CUDA graphs of the compiled layers' training forward and backward (torch.compile's reduce-overhead mode): needs
-    # compile_layers, a CUDA device and gradient checkpointing off; batches padded to a multiple of graph_pad_multiple
-    # tokens (a graph holds one length)
-    layer_graphs: bool = False
+    # decoder layers compiled (torch.compile, inductor) for training forwards, on one GPU in bf16 with grouped experts
+    # (elsewhere the log says why not): 1.2-1.6x the steps per second of the eager layers (benchmarks/README.md)
+    compile_layers: bool = True
+    # ... and replayed as CUDA graphs (forward and backward) where gradient checkpointing is off: a few CPU calls a
+    # layer instead of a few dozen kernel launches. Batches are padded to a multiple of graph_pad_multiple tokens
+    # (a graph holds one length)
+    layer_graphs: bool = True
     graph_pad_multiple: int = 32
     # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
     # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
@@ -72,29 +71,31 @@ def grouped_experts_line(model: nn.Module, paths: FastPaths, device: torch.devic
     return f"grouped experts: {count} MoE layers, torch._grouped_mm ({kind})"
 
 
-def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> list[str]:
+def apply_fast_paths(
+    model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype, data_parallel: bool = False
+) -> list[str]:
     """Patch `model`; returns (and logs) one line per path saying what runs."""
     lines = [grouped_experts_line(model, paths, device, dtype)]
     if paths.batched_vision:
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
-    lines.append(compiled_layers_line(model, paths, device, dtype))
+    lines.append(compiled_layers_line(model, paths, device, dtype, data_parallel))
     for line in lines:
         log.info("fast path: %s", line)
     return lines
 
 
-def compiled_layers_line(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> str:
+def compiled_layers_line(
+    model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype, data_parallel: bool = False
+) -> str:
     if not paths.compile_layers:
-        graphs = "; fast.layer_graphs needs them" if paths.layer_graphs else ""
-        return f"compiled decoder layers: off (eager layers; opt-in: fast.compile_layers{graphs})"
-    blocker = compile_blocker(model, dtype)
+        return "compiled decoder layers: off (fast.compile_layers false; eager layers)"
+    blocker = compile_blocker(model, device, dtype, data_parallel)
     if blocker:
         return f"compiled decoder layers: off ({blocker}; eager layers)"
-    graph_blocked = graph_blocker(model, device) if paths.layer_graphs else None
-    mode = GRAPH_MODE if paths.layer_graphs and graph_blocked is None else None
-    count = compile_layers(model, mode=mode)
+    graph_blocked = graph_blocker(model) if paths.layer_graphs else "fast.layer_graphs false"
+    count = compile_layers(model, graphs=graph_blocked is None)
     line = f"compiled decoder layers: {count} layers, torch.compile (inductor) for training forwards"
-    if mode:
+    if graph_blocked is None:
         return f"{line}, as CUDA graphs (sequences padded to a multiple of {paths.graph_pad_multiple} tokens)"
-    return f"{line}; CUDA graphs: {f'off ({graph_blocked})' if graph_blocked else 'off (opt-in: fast.layer_graphs)'}"
+    return f"{line}; CUDA graphs: off ({graph_blocked})"

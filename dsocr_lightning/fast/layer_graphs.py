@@ -10,7 +10,7 @@ one replay. What graphs need, and what this module provides:
 - stable gradient buffers: a backward graph's outputs are overwritten by its next replay, so with gradient
   accumulation `.grad` must be a tensor of its own, allocated before the first backward and zeroed in place
   (`stable_grads`; the module then zeroes with `set_to_none=False`);
-- no recomputation inside backward (gradient checkpointing off) and a CUDA device (`graph_blocker`).
+- no recomputation inside backward: gradient checkpointing off (`graph_blocker`).
 torch skips graphs it cannot capture and says so only in a log line: `skipped_graphs` counts those skips, and the
 module reports them after the first optimizer step, so the path that ran is the path logged.
 """
@@ -26,14 +26,11 @@ from torch import nn
 
 from .layout import causal_lm, decoder_layers
 
-GRAPH_MODE = "reduce-overhead"
 PAD_VALUES = {"labels": -100, "images_seq_mask": False, "attention_mask": 0}  # input_ids: the tokenizer's PAD
 
 
-def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
-    """Why the compiled layers of `model` on `device` cannot run as CUDA graphs, or None."""
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, not {device.type}"
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why the compiled layers of `model` cannot run as CUDA graphs, or None."""
     if getattr(getattr(causal_lm(model), "model", None), "gradient_checkpointing", False):
         return "gradient checkpointing recomputes the layers inside backward (--model.gradient_checkpointing false)"
     return None
@@ -42,7 +39,7 @@ def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
 def graphs_active(model: nn.Module) -> bool:
     """Do the decoder layers of `model` train through CUDA graphs?"""
     layers = decoder_layers(model)
-    return bool(layers) and all(getattr(layer, "_compile_mode", None) == GRAPH_MODE for layer in layers)
+    return bool(layers) and all(getattr(layer, "_layer_graphs", False) for layer in layers)
 
 
 def pad_length(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
