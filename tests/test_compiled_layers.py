@@ -33,14 +33,17 @@ def compiled_pair(real_routing_dir):
 
 def test_loss_and_every_lora_gradient_equal_the_eager_layers(compiled_pair):
     eager, compiled, tokenizer = compiled_pair
-    for texts in (["سلام دنیا", "کتاب ۱۲", "آب"], ["یک", "دو سه چهار پنج"]):  # a second length: dynamic shapes
+    graphs = []
+    for texts in (["سلام دنیا", "کتاب ۱۲", "آب"], ["یک", "دو سه چهار پنج"], ["یک دو سه چهار پنج شش هفت", "x"]):
         batch = batch_of(tokenizer, texts)
         (expected, expected_grads), (got, got_grads) = loss_and_grads(eager, batch), loss_and_grads(compiled, batch)
         assert got == pytest.approx(expected, rel=REL)
         assert expected_grads.keys() == got_grads.keys() and len(got_grads) > 100
         for name, grad in expected_grads.items():
             assert_rel_close(got_grads[name], grad, name)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path did run
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0  # the compiled path did run
+    assert graphs[2] == graphs[1]  # a new length compiles nothing new (a new batch size may)
 
 
 def test_a_layer_past_the_recompile_limit_says_so_and_runs_eagerly(compiled_pair, caplog):
