@@ -2,7 +2,7 @@
 against plain `model.generate` of the model's own code, and `predict` end to end, into one JSON.
 
 python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64] [--max-new-tokens 64] [--loop]
-    [--paths graphs generate] [--long 1024] [--same-tokens 64] [--predict-lines 1000]
+    [--paths graphs generate] [--long 1024] [--same-tokens 64] [--predict-lines 1000] [--adapter DIR]
     [--json benchmarks/results/decode_speed.json]
 
 MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py); LINES_DIR: an imagefolder of lines
@@ -16,7 +16,9 @@ loaded in turn), and the fraction of lines whose 32 tokens are all equal; also t
 experts; `generate` with and without the flash attention kernel; graphs against the same steps run eagerly);
 `--same-tokens-fp32`: also the static steps against `generate` in float32. `--predict-lines N`:
 `python -m dsocr_lightning predict --config configs/h100.yaml` over N images of LINES_DIR/train, wall time of the
-whole process (load included) and of its prediction loop (from the run's log).
+whole process (load included) and of its prediction loop (from the run's log). `--adapter DIR`: every model
+(and `predict`) with that trained adapter: with random weights near-tied greedy choices flip under bf16 rounding, and
+an adapter trained on the lines (the model then predicts with margins) tells decoding errors from those flips.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-i
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def load(model_dir: str, loop: bool, dtype: str = "auto") -> tuple:
-    settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype,
+def load(model_dir: str, loop: bool, dtype: str = "auto", adapter: str | None = None) -> tuple:
+    settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype, adapter_path=adapter,
                             fast=FastPaths(grouped_experts=not loop))  # fmt: skip
     model, tokenizer, backend = load_model(settings, LoraSettings())
     model = model.to(DEVICE).eval()
@@ -123,7 +125,7 @@ def same_tokens(args: argparse.Namespace, lines: tuple, ours: torch.Tensor, grou
     """Fractions of lines whose first 32 tokens agree: ours against plain `generate` with transformers' expert loop
     (the issue's figure), and, to tell decoding from the experts apart, ours against `generate` with the grouped
     experts and that against the loop."""
-    model, tokenizer = load(args.model_dir, loop=True)
+    model, tokenizer = load(args.model_dir, loop=True, adapter=args.adapter)
     loop = first_tokens(model, tokenizer, lines, len(ours), "generate")
     efficient = generate_without_flash(model, tokenizer, lines, len(ours))
     del model
@@ -138,7 +140,7 @@ def same_tokens_float32(args: argparse.Namespace, lines: tuple) -> dict:
     """The same comparison in float32 weights and arithmetic, where rounding no longer flips near-tied greedy
     choices: the static-cache steps (run eagerly: no native grouped matmul in float32, so transformers' expert loop,
     which a CUDA graph cannot hold) against `generate`, both with the expert loop."""
-    model, tokenizer = load(args.model_dir, loop=True, dtype="float32")
+    model, tokenizer = load(args.model_dir, loop=True, dtype="float32", adapter=args.adapter)
     ours = first_tokens(model, tokenizer, lines, args.same_tokens, "static")
     theirs = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
     del model
@@ -173,7 +175,8 @@ def predict_speed(args: argparse.Namespace) -> dict:
                    "--model.model_name_or_path", args.model_dir, "--model.backend", "transformers", *CPU_FLAGS,
                    "--model.generation.max_new_tokens", str(args.max_new_tokens), "--data.predict_inputs",
                    f"[{inputs}/]", "--prediction_writer.output", f"{work}/out.jsonl", "--trainer.enable_progress_bar",
-                   "false", "--trainer.logger.init_args.save_dir", work]  # fmt: skip
+                   "false", "--trainer.logger.init_args.save_dir", work,
+                   *(["--model.adapter_path", args.adapter] if args.adapter else [])]  # fmt: skip
         start = time.perf_counter()
         done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -202,15 +205,17 @@ def main() -> None:
     parser.add_argument("--same-tokens", type=int, default=0, help="lines to compare with the loop (0: skip)")
     parser.add_argument("--same-tokens-fp32", action="store_true", help="the same-token check in float32 too")
     parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
+    parser.add_argument("--adapter", help="a trained LoRA adapter folder (default: a fresh adapter, B = 0)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
     args = parser.parse_args()
     lines = line_batches(args)
-    model, tokenizer = load(args.model_dir, args.loop)
+    model, tokenizer = load(args.model_dir, args.loop, adapter=args.adapter)
     print("| path | batch | max new tokens | new tokens | seconds | new tokens / s | peak allocated GiB |")
     print("|---|---|---|---|---|---|---|")
     result = {
         "device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)",
         "commit": commit(),
+        "adapter": args.adapter,
         "rows": speed_rows(model, tokenizer, lines, args),
     }
     write_json(args.json, result)  # after each part: a later failure keeps what was measured
