@@ -140,3 +140,16 @@ def test_transformers_expert_loop(real_routing_dir):
     model, tokenizer = lora_model(real_routing_dir, grouped=False)
     got, expected = both(model.eval(), tokenizer, padded_batch(tokenizer), 24, 20)
     assert torch.equal(got, expected)
+
+
+def test_graphs_only_where_every_expert_matmul_can_be_captured(real_routing_dir, monkeypatch):
+    """A CUDA graph cannot hold transformers' expert loop, nor a grouped matmul that runs ATen's fallback (float32 or
+    fp16 weights, pre-Hopper GPUs: it reads the group sizes back to the CPU), so decoding picks the eager steps."""
+    from dsocr_lightning.fast import decode
+
+    looped, _ = lora_model(real_routing_dir, grouped=False)
+    assert "expert loop" in decode.graph_blocker(decode.decoder_parts(looped))
+    grouped, _ = lora_model(real_routing_dir, grouped=True)  # float32 weights on the CPU: ATen's fallback
+    assert "no native kernel" in decode.graph_blocker(decode.decoder_parts(grouped))
+    monkeypatch.setattr(decode, "grouped_mm_kind", lambda device, dtype: "native")
+    assert decode.graph_blocker(decode.decoder_parts(grouped)) is None

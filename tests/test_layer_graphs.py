@@ -12,7 +12,7 @@ from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_mode
 from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths, compiled_layers_line
 from dsocr_lightning.fast.compiled_layers import compile_layers
-from dsocr_lightning.fast.layer_graphs import graph_blocker, graphs_active, pad_length, stable_grads
+from dsocr_lightning.fast.layer_graphs import graphs_active, layer_graph_blocker, pad_length, stable_grads
 from dsocr_lightning.images import MODES
 from dsocr_lightning.module import DeepSeekOCRModule
 
@@ -60,9 +60,9 @@ def test_stable_gradients_accumulate_in_their_own_memory():
 def test_graphs_are_refused_with_gradient_checkpointing_and_the_log_says_why(real_routing_dir):
     model, _ = lora_model(real_routing_dir, True)  # loaded as the guide trains: gradient checkpointing on
     cuda, paths = torch.device("cuda"), FastPaths(compile_layers=True, layer_graphs=True)
-    assert "gradient checkpointing" in graph_blocker(model)
+    assert "gradient checkpointing" in layer_graph_blocker(model)
     model.gradient_checkpointing_disable()
-    assert graph_blocker(model) is None
+    assert layer_graph_blocker(model) is None
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     line = compiled_layers_line(model, paths, cuda, torch.bfloat16)  # wraps the layers; nothing runs on CUDA here
     assert "CUDA graphs: off (gradient checkpointing" in line and not graphs_active(model)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .compiled_layers import compile_blocker, compile_layers
-from .layer_graphs import graph_blocker
+from .grouped_mm import grouped_mm_kind
+from .layer_graphs import layer_graph_blocker
 from .moe import patch_grouped_experts
 from .vision import patch_batched_vision
 
@@ -40,17 +41,6 @@ class FastPaths:
     # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
     # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
     experts_implementation: str | None = None
-
-
-def grouped_mm_kind(device: torch.device, dtype: torch.dtype) -> str:
-    """How torch runs `_grouped_mm` here: `native` (one CUTLASS kernel: Hopper or newer, bf16), `cpu` (ATen's
-    per-group loop, all dtypes: tests and CPU runs), or `slow` (ATen's per-group fallback on any other GPU or
-    dtype: at T4 settings (float16) on an H100 it ran 0.42 samples/s, slower than transformers' loop)."""
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16:
-        return "native"
-    return "slow"
 
 
 def grouped_experts_apply(paths: FastPaths, device: torch.device, dtype: torch.dtype) -> bool:
@@ -93,7 +83,7 @@ def compiled_layers_line(
     blocker = compile_blocker(model, device, dtype, data_parallel)
     if blocker:
         return f"compiled decoder layers: off ({blocker}; eager layers)"
-    graph_blocked = graph_blocker(model) if paths.layer_graphs else "fast.layer_graphs false"
+    graph_blocked = layer_graph_blocker(model) if paths.layer_graphs else "fast.layer_graphs false"
     count = compile_layers(model, graphs=graph_blocked is None)
     line = f"compiled decoder layers: {count} layers, torch.compile (inductor) for training forwards"
     if graph_blocked is None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .grouped_mm import grouped_mm_kind
 from .layout import causal_lm
 from .moe import is_moe_layer, runs_grouped
 
@@ -65,8 +66,12 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
 
 def graph_blocker(parts: DecoderParts) -> str | None:
     """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
-    if any(is_moe_layer(layer.mlp) and not runs_grouped(layer.mlp) for layer in parts.layers):
+    moe = [layer.mlp for layer in parts.layers if is_moe_layer(layer.mlp)]
+    if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
+    weights = [mlp._grouped_stacks[0].weight for mlp in moe]
+    if any(grouped_mm_kind(w.device, w.dtype) != "native" for w in weights):
+        return "the grouped matmul has no native kernel for these weights (ATen's fallback reads group sizes back)"
     return None
 
 

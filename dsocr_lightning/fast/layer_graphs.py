@@ -10,7 +10,7 @@ one replay. What graphs need, and what this module provides:
 - stable gradient buffers: a backward graph's outputs are overwritten by its next replay, so with gradient
   accumulation `.grad` must be a tensor of its own, allocated before the first backward and zeroed in place
   (`stable_grads`; the module then zeroes with `set_to_none=False`);
-- no recomputation inside backward: gradient checkpointing off (`graph_blocker`).
+- no recomputation inside backward: gradient checkpointing off (`layer_graph_blocker`).
 torch skips graphs it cannot capture and says so only in a log line: `skipped_graphs` counts those skips, and the
 module reports them after the first optimizer step, so the path that ran is the path logged.
 """
@@ -29,7 +29,7 @@ from .layout import causal_lm, decoder_layers
 PAD_VALUES = {"labels": -100, "images_seq_mask": False, "attention_mask": 0}  # input_ids: the tokenizer's PAD
 
 
-def graph_blocker(model: nn.Module) -> str | None:
+def layer_graph_blocker(model: nn.Module) -> str | None:
     """Why the compiled layers of `model` cannot run as CUDA graphs, or None."""
     if getattr(getattr(causal_lm(model), "model", None), "gradient_checkpointing", False):
         return "gradient checkpointing recomputes the layers inside backward (--model.gradient_checkpointing false)"
