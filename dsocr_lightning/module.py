@@ -120,6 +120,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
         self.threads_before = 0  # torch's intra-op threads before `cpu_threads` changed them
         self.graph_pad = 0  # > 0: the decoder layers train as CUDA graphs, on batches padded to a multiple of it
+        self.trainable: list[torch.nn.Parameter] = []  # set when training starts
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -165,8 +166,11 @@ class DeepSeekOCRModule(L.LightningModule):
         check_data_parallel(self.trainer.strategy.model, self.model)
 
     def on_train_start(self) -> None:
-        if self.graph_pad:  # a backward graph's next replay overwrites its outputs: .grad must own its memory
-            stable_grads(p for p in self.parameters() if p.requires_grad)
+        self.trainable = [p for p in self.parameters() if p.requires_grad]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.graph_pad:  # a backward graph's next replay overwrites its outputs: .grad must own its memory, also
+            stable_grads(self.trainable)  # after validation (Lightning sets every .grad to None before it)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need

@@ -57,6 +57,20 @@ def test_stable_gradients_accumulate_in_their_own_memory():
     assert stable_grads(layer.parameters()) == 0  # buffers already there are kept
 
 
+def test_every_micro_batch_starts_with_gradient_buffers_of_its_own():
+    """Lightning sets every .grad to None before validation: the next backward would then keep a graph's output as
+    .grad (overwritten by its next replay; on the GPU the first zero_grad after validation failed). The module gives
+    them buffers again before each training micro-batch."""
+    layer = torch.nn.Linear(4, 3)
+    fake = types.SimpleNamespace(graph_pad=32, trainable=list(layer.parameters()))
+    DeepSeekOCRModule.on_train_batch_start(fake, {}, 0)
+    grad = layer.weight.grad
+    assert grad is not None and not grad.any()
+    layer.zero_grad(set_to_none=True)  # what Lightning's on_validation_model_zero_grad does
+    DeepSeekOCRModule.on_train_batch_start(fake, {}, 1)
+    assert layer.weight.grad is not None and layer.bias.grad is not None
+
+
 def test_graphs_are_refused_with_gradient_checkpointing_and_the_log_says_why(real_routing_dir):
     model, _ = lora_model(real_routing_dir, True)  # loaded as the guide trains: gradient checkpointing on
     cuda, paths = torch.device("cuda"), FastPaths(compile_layers=True, layer_graphs=True)
