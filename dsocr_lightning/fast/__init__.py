@@ -2,7 +2,9 @@
 
 - `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding);
 - `vision.py`: the remote code's vision towers run batched;
-- `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards.
+- `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards;
+- `layer_graphs.py`: ... replayed as CUDA graphs where gradient checkpointing is off;
+- `decode.py`: greedy decoding with a static KV cache, one CUDA graph replay a step (used by generation.py).
 Each keeps the original as its reference; tests compare them. `apply_fast_paths` logs which paths run.
 """
 
