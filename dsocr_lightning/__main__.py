@@ -18,6 +18,16 @@ def run() -> None:
     from .cli import main
 
     main()
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """End a DDP run's process group before the interpreter exits: once (tests/test_ddp.py, gloo), a finished run
+    died at exit with "terminate called without an active exception", gloo's threads racing the teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 try:
