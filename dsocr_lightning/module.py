@@ -78,7 +78,8 @@ class DeepSeekOCRModule(L.LightningModule):
             gradient_checkpointing: recompute activations in backward ("unsloth" mode, or non-reentrant).
             unsloth_force_compile: Unsloth's compile-time optimisations (Unsloth backend).
             fast: fast paths patched onto the loaded model: grouped experts (MoE as grouped matmuls, LoRA included;
-                training and decoding) and batched vision towers; off = the model's own per-expert code.
+                training and decoding), batched vision towers, decoder layers compiled for training (one GPU, bf16)
+                and replayed as CUDA graphs (checkpointing off); off = the model's own code.
             lora: the adapter: rank, alpha, dropout, target modules, rslora, seed.
             optimizer: `adamw8bit` (bitsandbytes) or `adamw` (torch).
             lr: peak learning rate.
