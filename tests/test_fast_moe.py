@@ -222,3 +222,23 @@ def test_checkpoint_weights_split_back_into_peft_names(real_routing_dir):
     expected = {k: v.detach() for k, v in reference.named_parameters() if v.requires_grad}
     assert set(split) == set(expected)
     assert all(torch.equal(split[k], expected[k]) for k in expected)
+
+
+def test_decoding_reuses_the_cast_lora_weights_until_they_change():
+    """Outside autograd the bf16 copy of a stacked LoRA weight is made once and kept while the weight is unchanged;
+    an in-place update (what the optimizer does) or training (autograd on) never sees a stale copy."""
+    from dsocr_lightning.fast.grouped_mm import cast_weight, drop_cast_copies
+
+    weight = torch.nn.Parameter(torch.randn(4, 3, 5))
+    with torch.no_grad():
+        first = cast_weight(weight, torch.bfloat16)
+        assert cast_weight(weight, torch.bfloat16) is first and torch.equal(first, weight.to(torch.bfloat16))
+        weight.add_(1.0)  # an optimizer step
+        second = cast_weight(weight, torch.bfloat16)
+        assert second is not first and torch.equal(second, weight.to(torch.bfloat16))
+        weight.data = torch.zeros_like(weight)  # new storage
+        assert not cast_weight(weight, torch.bfloat16).any()
+    trained = cast_weight(weight, torch.bfloat16)
+    assert trained.requires_grad and trained is not weight._cast_cache[1]
+    drop_cast_copies(torch.nn.ParameterList([weight]))
+    assert not hasattr(weight, "_cast_cache")

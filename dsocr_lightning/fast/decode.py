@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .grouped_mm import grouped_mm_kind
+from .grouped_mm import drop_cast_copies, grouped_mm_kind
 from .layout import causal_lm
 from .moe import is_moe_layer, runs_grouped
 
@@ -267,8 +267,10 @@ def decoder_for(model: nn.Module, parts: DecoderParts, like: DynamicCache, shape
 
 
 def release_decoder(model: nn.Module) -> None:
-    """Drop the kept decoder (its KV buffers and graph), e.g. when validation ends and training resumes."""
+    """Drop the kept decoder (its KV buffers and graph) and the LoRA weights cast for it, e.g. when validation ends
+    and training resumes."""
     model._static_decoder = None
+    drop_cast_copies(model)
 
 
 @torch.no_grad()
