@@ -69,7 +69,8 @@ def graph_blocker(parts: DecoderParts) -> str | None:
     moe = [layer.mlp for layer in parts.layers if is_moe_layer(layer.mlp)]
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
-    weights = [mlp._grouped_stacks[0].weight for mlp in moe]
+    # an expert's own weight, not the stack: a device move reaches the stack only at the layer's next call
+    weights = [getattr(mlp.experts[0].gate_proj, "base_layer", mlp.experts[0].gate_proj).weight for mlp in moe]
     if any(grouped_mm_kind(w.device, w.dtype) != "native" for w in weights):
         return "the grouped matmul has no native kernel for these weights (ATen's fallback reads group sizes back)"
     return None
