@@ -178,11 +178,11 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
-        # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
-        # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
         if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
             batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's backward ran: its buffers are free
+        # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
+        # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
         inputs = {k: batch[k] for k in keys} | {"use_cache": False}
         if batch.get("right_padded") and self.backend == "transformers":
             # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:
