@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .layout import decoder_layers
-from .moe import ensure_bound, is_moe_layer, runs_grouped
+from .moe import ensure_bound, is_moe_layer, moe_blocks, runs_grouped
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def compile_blocker(
     layers = decoder_layers(model)
     if not layers:
         return "no decoder layers where expected"
-    moe = [layer.mlp for layer in layers if is_moe_layer(getattr(layer, "mlp", None))]
+    moe = moe_blocks(layers)
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop has data-dependent shapes: a graph break at every expert"
     if moe and dtype != torch.bfloat16:

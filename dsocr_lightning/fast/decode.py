@@ -24,7 +24,7 @@ from torch import nn
 
 from .grouped_mm import drop_cast_copies, grouped_mm_kind
 from .layout import causal_lm
-from .moe import is_moe_layer, runs_grouped
+from .moe import base_linear, moe_blocks, runs_grouped
 
 if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
@@ -66,11 +66,11 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
 
 def graph_blocker(parts: DecoderParts) -> str | None:
     """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
-    moe = [layer.mlp for layer in parts.layers if is_moe_layer(layer.mlp)]
+    moe = moe_blocks(parts.layers)
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
     # an expert's own weight, not the stack: a device move reaches the stack only at the layer's next call
-    weights = [getattr(mlp.experts[0].gate_proj, "base_layer", mlp.experts[0].gate_proj).weight for mlp in moe]
+    weights = [base_linear(mlp.experts[0].gate_proj).weight for mlp in moe]
     if any(grouped_mm_kind(w.device, w.dtype) != "native" for w in weights):
         return "the grouped matmul has no native kernel for these weights (ATen's fallback reads group sizes back)"
     return None

@@ -42,9 +42,14 @@ class ProjectionStack:
     adapter: str | None
 
 
+def base_linear(linear: nn.Module) -> nn.Module:
+    """The frozen Linear under a peft LoRA layer, or `linear` itself when it is not wrapped."""
+    return getattr(linear, "base_layer", linear)
+
+
 def lora_adapter(linear: nn.Module) -> str | None:
     """The one plain LoRA adapter of a peft Linear (None for a plain Linear); anything else is refused."""
-    base = getattr(linear, "base_layer", linear)
+    base = base_linear(linear)
     if not isinstance(base, nn.Linear) or base.bias is not None:
         raise TypeError(f"unsupported expert projection {type(linear).__name__}")
     if not hasattr(linear, "lora_A"):
@@ -72,7 +77,7 @@ def build_stack(module: nn.Module, name: str) -> ProjectionStack:
     if len(adapters) != 1:
         raise TypeError(f"experts of one layer disagree on their LoRA adapters: {adapters}")
     adapter = adapters.pop()
-    bases = [getattr(linear, "base_layer", linear).weight for linear in linears]
+    bases = [base_linear(linear).weight for linear in linears]
     weight = torch.stack([p.data for p in bases])
     bind_views(weight, bases)
     a = b = None
@@ -101,7 +106,7 @@ def stacked_parameter(module: nn.Module, attr: str, params: list[nn.Parameter]) 
 def is_bound(stack: ProjectionStack) -> bool:
     """Do the first and last experts still view the stacked tensors (a cheap check, run every call)?"""
     ends = [stack.linears[0], stack.linears[-1]]
-    pairs = [(stack.weight, [getattr(lin, "base_layer", lin).weight for lin in ends])]
+    pairs = [(stack.weight, [base_linear(lin).weight for lin in ends])]
     if stack.adapter is not None:
         a_ends, b_ends = zip(*(lora_weights(lin, stack.adapter) for lin in ends))
         pairs += [(stack.a, a_ends), (stack.b, b_ends)]
@@ -149,6 +154,11 @@ def is_moe_layer(module: nn.Module) -> bool:
 def runs_grouped(layer: nn.Module) -> bool:
     """Has `patch_grouped_experts` switched this MoE layer (its instance `moe` shadows the class's loop)?"""
     return "moe" in vars(layer)
+
+
+def moe_blocks(layers: list[nn.Module]) -> list[nn.Module]:
+    """The MoE blocks (`mlp`) of these decoder layers."""
+    return [layer.mlp for layer in layers if is_moe_layer(getattr(layer, "mlp", None))]
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
