@@ -17,7 +17,7 @@ from .checkpoints import LastCheckpoint
 from .checks import (
     ConfigError,
     check_adapter,
-    check_backend_devices,
+    check_backend,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
@@ -132,12 +132,12 @@ def preflight(subcommand: str, config: Any) -> None:
     model = config["model"]
     if model_version(model) == "v1":  # v2 runs transformers' own code and checks its adapters itself
         check_trust(model["trust_remote_code"], model["model_name_or_path"])
+        check_backend(model, config["trainer"])
         if model["adapter_path"]:
             check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"))
     check_precision(config["trainer"]["precision"])
-    check_backend_devices(model["backend"], config["trainer"])
     if subcommand == "fit":
         check_checkpointing(config["checkpoint"])
 
