@@ -9,8 +9,8 @@ offs[e-1]:offs[e]), as `torch._grouped_mm` takes them. Two kernels:
   and the launch is the same whatever the routing (CUDA-graph safe).
 - `grouped_wgrad(a [N, P], b [N, Q], offs)`: out[e] = a[rows of e]^T @ b[rows of e], [E, P, Q]: the weight gradient;
   an expert no row picked gets zeros.
-Both accumulate in float32 and round once to the inputs' dtype. `grouped_mm` is a torch custom op with its autograd
-(dx by `grouped_mm` with the other transpose, dw by `grouped_wgrad`) and a shape-only version for torch.compile.
+Both accumulate in float32 and round once to the inputs' dtype. `grouped_mm` carries its autograd (dx by `grouped_mm`
+with the other transpose, dw by `grouped_wgrad`).
 The plain references are `grouped_mm_reference` / `grouped_wgrad_reference` below; tests/test_triton_grouped.py
 compares outputs and gradients on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
@@ -21,6 +21,7 @@ FMA on the CUDA cores there (checked by compiling for sm_75: tests/test_triton_g
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -119,14 +120,15 @@ def block(size: int, smallest: int, largest: int) -> int:
 
 
 def mm_tiles(capability: tuple[int, int], rows_per_expert: int, n_out: int, k: int, itemsize: int) -> Tiles:
-    """Tiles for `grouped_mm`: row tiles as tall as an expert's mean rows (16 when decoding one token, 64-128 in
-    training), the widest column and reduction tiles the target's shared memory holds over its stages. Turing (64 KB
-    of shared memory a block) gets 2 stages of 64 x 64 x 32; Ampere and newer 3 stages, up to 128 x 128 x 64."""
+    """Tiles for `grouped_mm`: row tiles about as tall as an expert's mean rows (16 when decoding a token, 64 in
+    training: compared with thresholds, as the row count is a symbolic size under torch.compile), the widest column
+    and reduction tiles the target's shared memory holds over its stages: Turing (64 KB of shared memory a block) 2
+    stages of 64 x 64 x 32, Ampere and newer 3 stages of up to 64 x 128 x 64."""
     turing = capability < (8, 0)
-    m = block(rows_per_expert, 16, 64 if turing else 128)
+    m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
     n = block(n_out, 16, 64 if turing else 128)
     kk = block(k, 16, 32 if turing or itemsize > 2 else 64)
-    return Tiles(m, n, kk, warps=4 if m * n <= 64 * 128 else 8, stages=2 if turing else 3)
+    return Tiles(m, n, kk, warps=4, stages=2 if turing else 3)
 
 
 def wgrad_tiles(capability: tuple[int, int], p: int, q: int, itemsize: int) -> Tiles:
@@ -137,6 +139,7 @@ def wgrad_tiles(capability: tuple[int, int], p: int, q: int, itemsize: int) -> T
                  stages=2 if turing else 3)  # fmt: skip
 
 
+@functools.cache
 def capability_of(device: torch.device) -> tuple[int, int]:
     """The GPU's compute capability; (8, 0) for the CPU interpreter (tests), whose tiles do not matter."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
@@ -172,46 +175,38 @@ def launch_grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -
     return out
 
 
-# ---- torch ops: autograd and torch.compile see one opaque op each ----------------------------------------------------
-@torch.library.custom_op("dsocr::grouped_mm", mutates_args=())
+# ---- autograd -------------------------------------------------------------------------------------------------------
+class GroupedMM(torch.autograd.Function):
+    """`grouped_mm` with its backward: dx by `grouped_mm` with the other transpose, dw by `grouped_wgrad`. A plain
+    Function with plain launches: eagerly a few microseconds of Python a call (a torch custom op cost ~0.1 ms more,
+    hundreds of calls a micro-batch), and under torch.compile dynamo traces the Triton kernels, which inductor then
+    launches from its own code."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, trans_w: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offs)
+        ctx.trans_w = trans_w
+        return launch_grouped_mm(x, w, offs, trans_w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = launch_grouped_mm(grad, w, offs, not ctx.trans_w)
+        if ctx.needs_input_grad[1]:
+            dw = launch_grouped_wgrad(grad, x, offs) if ctx.trans_w else launch_grouped_wgrad(x, grad, offs)
+        return dx, dw, None, None
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, trans_w: bool) -> torch.Tensor:
     """x [N, K] sorted by expert -> [N, Nout]: x_e @ w[e]^T (trans_w: w [E, Nout, K]) or x_e @ w[e] (w [E, K, Nout])."""
-    return launch_grouped_mm(x, w, offs, trans_w)
+    return GroupedMM.apply(x, w, offs, trans_w)
 
 
-@grouped_mm.register_fake
-def _(x, w, offs, trans_w):
-    return x.new_empty(x.shape[0], w.shape[1] if trans_w else w.shape[2])
-
-
-@torch.library.custom_op("dsocr::grouped_wgrad", mutates_args=())
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [N, P], b [N, Q] sorted by expert -> [E, P, Q]: a_e^T @ b_e (zeros for an expert without rows)."""
     return launch_grouped_wgrad(a, b, offs)
-
-
-@grouped_wgrad.register_fake
-def _(a, b, offs):
-    return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
-
-
-def setup_context(ctx, inputs, output) -> None:
-    x, w, offs, trans_w = inputs
-    ctx.save_for_backward(x, w, offs)
-    ctx.trans_w = trans_w
-
-
-def backward(ctx, grad: torch.Tensor):
-    x, w, offs = ctx.saved_tensors
-    dx = dw = None
-    if ctx.needs_input_grad[0]:
-        dx = grouped_mm(grad, w, offs, not ctx.trans_w)
-    if ctx.needs_input_grad[1]:
-        dw = grouped_wgrad(grad, x, offs) if ctx.trans_w else grouped_wgrad(x, grad, offs)
-    return dx, dw, None, None
-
-
-grouped_mm.register_autograd(backward, setup_context=setup_context)
 
 
 # ---- the references the kernels must equal -------------------------------------------------------------------------
