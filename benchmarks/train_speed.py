@@ -56,8 +56,13 @@ RUNS = {
     "h100_triton": ("h100", TRITON, 8, 1, "bf16-mixed"),  # the Triton kernels against torch's at h100.yaml
     # configs/t4.yaml in bf16 (torch's kernel, then Triton's): what the T4 path costs beside precision and kernel
     "t4_bf16": ("t4", ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"], 2, 4, "bf16-mixed"),
-    "t4_bf16_triton": ("t4", ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"] + TRITON, 2, 4,
-                       "bf16-mixed"),  # fmt: skip
+    "t4_bf16_triton": (
+        "t4",
+        ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"] + TRITON,
+        2,
+        4,
+        "bf16-mixed",
+    ),  # fmt: skip
 }
 KERNELS = {"t4_loop": "loop", "guide_loop": "loop"}  # every other run: triton where its name or T4 says so, else native
 

@@ -31,7 +31,7 @@ from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
-from .trainables import active_experts, check_loadable, reference_layout, reference_state_dict, zero_picks
+from .trainables import PickedExperts, check_loadable, reference_layout, reference_state_dict
 from .versions import load_model, write_standin
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.threads_before = 0  # torch's intra-op threads before `cpu_threads` changed them
         self.graph_pad = 0  # > 0: the decoder layers train as CUDA graphs, on batches padded to a multiple of it
         self.trainable: list[torch.nn.Parameter] = []  # set when training starts
+        self.picked = PickedExperts([])  # the grouped experts' records of picked experts, found with the optimizer
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -176,7 +177,7 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need
-        zero_picks(self)
+        self.picked.zero()
 
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
@@ -254,7 +255,7 @@ class DeepSeekOCRModule(L.LightningModule):
         if self.train_loss.update_count:  # equal on every rank: all compute (gather) together
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
             self.log("train/nonfinite_skipped", self.nonfinite_skips.compute(), on_step=True)
-        active_experts(self, getattr(optimizer, "_optimizer", optimizer))
+        self.picked.tell(getattr(optimizer, "_optimizer", optimizer))
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self.log("train/grad_norm", gradient_norm(optimizer), on_step=True)  # before clipping, as HF logs it
         self.train_loss.reset()
@@ -265,6 +266,7 @@ class DeepSeekOCRModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         _, layout, params = reference_layout(self)  # its state_dict names the reference's per-expert tensors
+        self.picked = PickedExperts.of(self)
         optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay, layout=layout)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = linear_warmup_decay(optimizer, hp.warmup_steps, int(total))

@@ -78,6 +78,18 @@ class Stacks:
     def live_rows(self, p: torch.nn.Parameter) -> list[int]:
         return [r for r, on in enumerate(self.active.get(p) or [True] * self.rows[p]) if on]
 
+    def runs(self, p: torch.nn.Parameter, steps: list[int], joinable: bool) -> list[tuple[int, int]]:
+        """[start, end) runs of consecutive rows that step now at the same count: one update call each (`joinable`:
+        rows may share a call at all), so a stack with every expert alike is one call, and an expert that no token
+        picked costs two more, not one per row."""
+        runs: list[tuple[int, int]] = []
+        for row in self.live_rows(p):
+            if joinable and runs and runs[-1][1] == row and steps[runs[-1][0]] == steps[row]:
+                runs[-1] = (runs[-1][0], row + 1)
+            else:
+                runs.append((row, row + 1))
+        return runs
+
     def to_reference(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """This optimizer's state_dict (one param group) in the reference's layout."""
         (group,) = state_dict["param_groups"]
@@ -122,6 +134,7 @@ class StackedAdamW(Stacks, torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         lists: dict[str, list[torch.Tensor]] = {k: [] for k in ("params", "grads", "m", "v", "steps")}
+        self.write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         group = self.param_groups[0]
         for p in group["params"]:
             if p.grad is not None:
@@ -133,6 +146,8 @@ class StackedAdamW(Stacks, torch.optim.AdamW):
                 decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
             )  # fmt: skip
+        for rows, count in self.write_back:
+            rows.fill_(count.item())
         return loss
 
     def add_rows(self, p: torch.nn.Parameter, lists: dict[str, list[torch.Tensor]]) -> None:
@@ -142,9 +157,12 @@ class StackedAdamW(Stacks, torch.optim.AdamW):
             state["step"] = torch.zeros(self.rows.get(p, 1)) if p in self.rows else torch.tensor(0.0)
         if p not in self.rows:
             tensors = [(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])]
-        else:  # a 0-d view of the row's step: the update counts it in place
-            tensors = [(p[r], p.grad[r], state["exp_avg"][r], state["exp_avg_sq"][r], state["step"][r])
-                       for r in self.live_rows(p)]  # fmt: skip
+        else:  # a run's step as a 0-d tensor of its own, counted up by the update, then written back to its rows
+            runs = self.runs(p, state["step"].tolist(), joinable=True)
+            counts = [state["step"][a].clone() for a, _ in runs]
+            self.write_back += [(state["step"][a:b], count) for (a, b), count in zip(runs, counts)]
+            tensors = [(p[a:b], p.grad[a:b], state["exp_avg"][a:b], state["exp_avg_sq"][a:b], count)
+                       for (a, b), count in zip(runs, counts)]  # fmt: skip
         for key, values in zip(("params", "grads", "m", "v", "steps"), zip(*tensors)):
             lists[key].extend(values)
 
@@ -184,9 +202,9 @@ StackedAdamW8bit: type | None = None
 
 class Stacks8bit(Stacks):
     """bitsandbytes' AdamW8bit with stacked parameters: each row gets the state the reference's tensor would (32-bit
-    under `min_8bit_size` elements, else 8-bit with its own blocks) and its own step count. One call updates the
-    whole stack when every row steps now, at the same count, and the rows' blocks do not straddle (32-bit state, or
-    rows of a multiple of 256 elements: always at DeepSeek-OCR's sizes with an even LoRA rank)."""
+    under `min_8bit_size` elements, else 8-bit with its own blocks) and its own step count. One call updates each run
+    of rows that step now at the same count, where the rows' blocks do not straddle (32-bit state, or rows of a
+    multiple of 256 elements: always at DeepSeek-OCR's sizes with an even LoRA rank); else one call a row."""
 
     def __init__(self, params: list[torch.nn.Parameter], layout: ReferenceLayout, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -218,31 +236,29 @@ class Stacks8bit(Stacks):
     def update_step(self, group: dict, p: torch.nn.Parameter, gindex: int, pindex: int) -> None:
         if p not in self.rows:
             return super().update_step(group, p, gindex, pindex)
-        state, live = self.state[p], self.live_rows(p)
+        state, config = self.state[p], self.get_config(gindex, pindex, group)
+        p.grad = p.grad.contiguous()  # (the same tensor when it is: gradient buffers stay in place)
         steps = state["row_steps"]
-        whole = state["state1"].dtype == torch.float32 or p[0].numel() % BLOCK == 0
-        if len(live) == len(steps) and len(set(steps)) == 1 and whole:
-            state["step"] = steps[0]  # bitsandbytes counts it up and updates the stack in one call
-            super().update_step(group, p, gindex, pindex)
-            state["row_steps"] = [state["step"]] * len(steps)
-            return
-        for row in live:
-            steps[row] += 1
-            self.update_row(self.get_config(gindex, pindex, group), p, row, steps[row])
+        # rows share a call where their blocks do not straddle: 32-bit state, or rows of whole 256-element blocks
+        joinable = state["state1"].dtype == torch.float32 or p[0].numel() % BLOCK == 0
+        for start, end in self.runs(p, steps, joinable):
+            steps[start:end] = [steps[start] + 1] * (end - start)
+            self.update_rows(config, p, start, end, steps[start])
         state["step"] = max(steps)
 
-    def update_row(self, config: dict[str, Any], p: torch.nn.Parameter, row: int, step: int) -> None:
-        """bitsandbytes' update of one row, with the row's slices of the stack's state."""
+    def update_rows(self, config: dict[str, Any], p: torch.nn.Parameter, start: int, end: int, step: int) -> None:
+        """bitsandbytes' update of rows start:end (one call), with their slices of the stack's state."""
         from bitsandbytes import functional as F
 
         state, (beta1, beta2) = self.state[p], config["betas"][:2]
-        grad, param, s1, s2 = p.grad[row], p.data[row], state["state1"][row], state["state2"][row]
+        rows = slice(start, end)
+        grad, param, s1, s2 = p.grad[rows], p.data[rows], state["state1"][rows], state["state2"][rows]
         if s1.dtype == torch.float32:
             F.optimizer_update_32bit(self.optimizer_name, grad, param, s1, beta1, config["eps"], step, config["lr"],
                                      s2, beta2, 0.0, 0.0, config["weight_decay"], 1.0, None, max_unorm=0.0,
                                      skip_zeros=config["skip_zeros"])  # fmt: skip
             return
-        blocks = slice(row * (n := math.ceil(param.numel() / BLOCK)), (row + 1) * n)
+        blocks = slice(start * (n := math.ceil(p[0].numel() / BLOCK)), end * n)
         F.optimizer_update_8bit_blockwise(self.optimizer_name, grad, param, s1, s2, beta1, beta2, 0.0, 0.0,
                                           config["eps"], step, config["lr"], state["qmap1"], state["qmap2"],
                                           state["absmax1"][blocks], state["absmax2"][blocks], config["weight_decay"],

@@ -6,6 +6,7 @@ resumes on any other (optim.py converts the optimizer state the same way).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,30 +50,37 @@ def check_loadable(state: dict[str, torch.Tensor], names: list[str], where: str)
     return state
 
 
-def active_experts(model: nn.Module, optimizer: Any) -> None:
-    """Tell the optimizer which rows of each stacked LoRA tensor step now: the experts this optimizer step's tokens
-    picked (the MoE layer's record, fast/moe.py: RecordPicks); the reference's others have no gradient."""
-    stacks = named_stacks(model)
-    if not stacks or not hasattr(optimizer, "active"):
-        return
-    picks = {name.removesuffix(f".{PICKS}"): p.grad for name, p in model.named_parameters() if is_picks(name)}
-    layers = [layer for layer, grad in picks.items() if grad is not None]
-    rows = torch.stack([picks[layer] for layer in layers]).gt(0).tolist() if layers else []  # one read back
-    active = dict(zip(layers, rows))
-    optimizer.active = {param: active[layer_of(name)] for name, param in stacks if layer_of(name) in active}
+@dataclass
+class PickedExperts:
+    """Each MoE layer's record of the experts a step's tokens picked (fast/moe.py: RecordPicks) and the stacked
+    LoRA tensors it gates, found once (a walk over the model's ~26,000 modules costs tens of milliseconds)."""
 
+    layers: list[tuple[nn.Parameter, list[nn.Parameter]]]  # (record, its layer's stacked A and B tensors)
 
-def zero_picks(model: nn.Module) -> None:
-    """A new optimizer step records anew (the optimizer's own zero_grad does not know these)."""
-    for name, param in model.named_parameters():
-        if is_picks(name) and param.grad is not None:
-            param.grad.zero_()
+    @classmethod
+    def of(cls, model: nn.Module) -> PickedExperts:
+        named = dict(model.named_parameters())
+        stacks = [(name, param) for name, param in named.items() if STACKED_NAME.match(name) and param.requires_grad]
+        records = {name.removesuffix(f".{PICKS}"): param for name, param in named.items() if is_picks(name)}
+        return cls(
+            [(record, [p for name, p in stacks if layer_of(name) == layer]) for layer, record in records.items()]
+        )
+
+    def tell(self, optimizer: Any) -> None:
+        """Give the optimizer, for every stacked tensor, the rows that step now: the experts this optimizer step's
+        tokens picked; the reference's others have no gradient (one read back for all layers)."""
+        recorded = [(record.grad, stacks) for record, stacks in self.layers if record.grad is not None]
+        if not recorded or not hasattr(optimizer, "active"):
+            return
+        rows = torch.stack([grad for grad, _ in recorded]).gt(0).tolist()
+        optimizer.active = {param: picked for (_, stacks), picked in zip(recorded, rows) for param in stacks}
+
+    def zero(self) -> None:
+        """A new optimizer step records anew (the optimizer's own zero_grad does not know these)."""
+        for record, _ in self.layers:
+            if record.grad is not None:
+                record.grad.zero_()
 
 
 def layer_of(stacked_name: str) -> str:
     return stacked_name.rsplit(".", 1)[0]
-
-
-def named_stacks(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every stacked LoRA tensor of `model`."""
-    return [(n, p) for n, p in model.named_parameters() if STACKED_NAME.match(n) and p.requires_grad]
