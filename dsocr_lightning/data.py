@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .batching import DEFAULT_INSTRUCTION, BadSamplePolicy, SampleCollator, split_instruction
 from .checks import ConfigError, check_model_source
-from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_instruction
 from .images import MODES, Mode
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
@@ -324,7 +324,7 @@ class OCRDataModule(L.LightningDataModule):
         check_columns(list(rows[0]) if rows else [], [hp.image_column, hp.text_column], f"{path} {spec}")
         return OCRSamples(rows, hp.image_column, hp.text_column, root=path.parent)
 
-    def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
+    def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> SampleCollator:
         hp = self.hparams
         return make_collator(
             self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
