@@ -354,7 +354,17 @@ class OCRDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=hp.num_workers > 0,
             progress=self.epoch_progress if train else (lambda: 0),
+            step_batches=self.step_batches() if train else 0,
         )
+
+    def step_batches(self) -> int:
+        """Micro-batches per optimizer step when the module normalises the loss over a step's label tokens
+        (`step_token_loss`, decided when its model loaded: HF Trainer's normalisation): the training loader then
+        reads each step's micro-batches ahead and counts them. 0 otherwise: batches one at a time, uncounted."""
+        trainer = self.trainer
+        if trainer is None or not trainer.lightning_module.step_token_loss:
+            return 0
+        return trainer.accumulate_grad_batches
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Batches travel compacted (transport.py); on the device they take the collator's layout again."""
