@@ -130,3 +130,37 @@ def test_each_batch_carries_its_steps_label_tokens():
     loader.load_state_dict({"epoch": 0, "batches": 4})  # resumed after 4 micro-batches: the next step ends at 6
     assert [b["step_label_tokens"] for b in loader] == [11, 11, 15, 15]
     assert "step_label_tokens" not in next(iter(ResumableLoader(rows, batch_size=1, collate_fn=lambda items: {})))
+
+
+def test_under_ddp_the_step_counts_every_ranks_tokens(v2_dir, lines_dir, tmp_path):
+    """Trainer's `average_tokens_across_devices`: 2 processes of micro-batch 1 normalise each step by the label tokens
+    of both ranks' micro-batches and scale by the world size against DDP's averaging, so they train as one process
+    of micro-batch 2 on the same lines (rank r reads lines r, r + 2, ...). The gradient norm (logged before clipping)
+    would halve without the world-size factor; the weights would move otherwise with each rank's own count."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    runs = {"one": ["--data.batch_size", "2"], "two": ["--data.batch_size", "1", "--trainer.devices", "2",
+                                                       "--trainer.strategy", "ddp"]}  # fmt: skip
+    for name, flags in runs.items():
+        args = settings(v2_dir, lines_dir, tmp_path / name)
+        args[args.index("--trainer.accumulate_grad_batches") + 1] = "2"
+        args[args.index("--trainer.max_steps") + 1] = "2"
+        done = subprocess.run([sys.executable, "-m", "dsocr_lightning", *args, "--model.optimizer", "adamw", *flags],
+                              cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(CONFIGS.parent)), capture_output=True,
+                              text=True, timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    logged = {}
+    for name in runs:
+        events = EventAccumulator(str(tmp_path / name / "lightning_logs/version_0"))
+        events.Reload()
+        logged[name] = {tag: [e.value for e in events.Scalars(tag)] for tag in ("train/loss", "train/grad_norm")}
+    assert logged["one"]["train/loss"] == pytest.approx(logged["two"]["train/loss"], rel=1e-5)
+    assert logged["one"]["train/grad_norm"] == pytest.approx(logged["two"]["train/grad_norm"], rel=1e-5)
+    one, two = (load_file(tmp_path / name / "lightning_logs/version_0/lora_model/adapter_model.safetensors")
+                for name in runs)  # fmt: skip
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3  # trained, not the zero init
