@@ -79,7 +79,8 @@ def our_fit(args: argparse.Namespace, model: Path, lines: Path, experts: str) ->
 
 def run_reference(args: argparse.Namespace) -> None:
     """HF Trainer + PEFT (plain fused `target_parameters`; B = 0 at the start, so the first loss is the base model's
-    whatever the layout) with the guide's arguments, on the package collator's batches in order."""
+    whatever the layout) with the guide's arguments and Trainer's defaults (the model takes `num_items_in_batch`: each
+    step's loss over the label tokens of all its micro-batches, as ours), on the package collator's batches in order."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
@@ -135,7 +136,6 @@ def run_reference(args: argparse.Namespace) -> None:
     timer = Timer()
     trainer = InOrder(model=model, args=training, train_dataset=data.datasets["train"], data_collator=collate_model,
                       callbacks=[timer])  # fmt: skip
-    trainer.model_accepts_loss_kwargs = False  # mean of micro-batch means, as ours logs (not HF's token weighting)
     trainer.train()
     steps = timer.times[WARMUP:] or timer.times
     row = {"first_loss": timer.losses[0], "samples_per_s": 8 / statistics.median(steps)}

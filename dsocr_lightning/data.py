@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .batching import DEFAULT_INSTRUCTION, BadSamplePolicy, SampleCollator, split_instruction
 from .checks import ConfigError, check_model_source
-from .collate import DEFAULT_INSTRUCTION, BadSamplePolicy, OCRCollator, split_instruction
 from .images import MODES, Mode
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
@@ -324,7 +324,7 @@ class OCRDataModule(L.LightningDataModule):
         check_columns(list(rows[0]) if rows else [], [hp.image_column, hp.text_column], f"{path} {spec}")
         return OCRSamples(rows, hp.image_column, hp.text_column, root=path.parent)
 
-    def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> OCRCollator:
+    def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> SampleCollator:
         hp = self.hparams
         return make_collator(
             self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
@@ -354,7 +354,17 @@ class OCRDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=hp.num_workers > 0,
             progress=self.epoch_progress if train else (lambda: 0),
+            step_batches=self.step_batches() if train else 0,
         )
+
+    def step_batches(self) -> int:
+        """Micro-batches per optimizer step when the module normalises the loss over a step's label tokens
+        (`step_token_loss`, decided when its model loaded: HF Trainer's normalisation): the training loader then
+        reads each step's micro-batches ahead and counts them. 0 otherwise: batches one at a time, uncounted."""
+        trainer = self.trainer
+        if trainer is None or not trainer.lightning_module.step_token_loss:
+            return 0
+        return trainer.accumulate_grad_batches
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Batches travel compacted (transport.py); on the device they take the collator's layout again."""

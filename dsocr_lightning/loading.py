@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "unsloth", "transformers"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# DeepSeek-OCR's remote-code forward takes no loss keyword arguments (`num_items_in_batch`): HF Trainer averages
+# each micro-batch's mean loss there, and so does the module (versions.LoadedModel.step_token_loss).
+TAKES_LOSS_KWARGS = False
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
+from .step_tokens import STEP_TOKENS_KEY, TOKENS_KEY
 from .trainables import PickedExperts, check_loadable, reference_layout, reference_state_dict
 from .versions import load_model, write_standin
 
@@ -38,6 +39,12 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
 V2_MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_local", "num_local_patches")
+LOSS_NORMALISATION = {
+    False: "loss: each micro-batch's mean token loss, averaged over the optimizer step (HF Trainer's for a model "
+    "that takes no loss keyword arguments)",
+    True: "loss: each micro-batch's summed token loss over the label tokens of its whole optimizer step, all "
+    "micro-batches and ranks (HF Trainer's for a model that takes num_items_in_batch)",
+}
 
 
 class DeepSeekOCRModule(L.LightningModule):
@@ -114,7 +121,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.tokenizer: Any = None
         self.backend: str | None = None
         self.base_dtype = torch.float32
-        self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step
+        self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step (weighted: see note_loss)
         self.nonfinite_skips = SumMetric()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
@@ -124,6 +131,8 @@ class DeepSeekOCRModule(L.LightningModule):
         self.graph_pad = 0  # > 0: the decoder layers train as CUDA graphs, on batches padded to a multiple of it
         self.trainable: list[torch.nn.Parameter] = []  # set when training starts
         self.picked = PickedExperts([])  # the grouped experts' records of picked experts, found with the optimizer
+        self.step_token_loss = False  # set when the model loads: the loss is normalised over a step's label tokens
+        self.step_tokens: tuple[int, torch.Tensor] | None = None  # (global step, its label tokens on all ranks)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -146,13 +155,14 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer, self.backend = load_model(
+            self.model, self.tokenizer, self.backend, self.step_token_loss = load_model(
                 self.load_settings,
                 self.lora,
                 self.data_parallel,
                 self.trainer.strategy.root_device,
                 AUTOCAST_DTYPES.get(str(self.trainer.precision)),
             )
+            rank_zero_info(LOSS_NORMALISATION[self.step_token_loss])
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
             # from_pretrained returns an eval-mode model and Lightning keeps submodule modes: train mode here is
             # what HF Trainer gives the reference (LoRA dropout, gradient checkpointing); the evaluation loops
@@ -179,7 +189,9 @@ class DeepSeekOCRModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need
         self.picked.zero()
 
-    def forward(self, batch: dict[str, Any]) -> Any:
+    def forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | None = None) -> Any:
+        """The model's output; `num_items_in_batch` (training, `step_token_loss`): its loss is the batch's summed
+        token loss divided by that, as HF Trainer passes it."""
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
         if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
             batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
@@ -187,6 +199,8 @@ class DeepSeekOCRModule(L.LightningModule):
         # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
         # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)
         inputs = {k: batch[k] for k in keys} | {"use_cache": False}
+        if num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
         if batch.get("right_padded") and self.backend == "transformers":
             # real tokens only see earlier (real) ones under the causal mask, so the padding mask adds nothing:
             # without it transformers skips building a [B, 1, L, L] mask (vmap, ~24 ms of CPU a forward, measured
@@ -210,15 +224,44 @@ class DeepSeekOCRModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        step_tokens = self.step_label_tokens(batch) if self.step_token_loss else None  # every rank, every micro-batch
         if not batch["texts"]:  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
             return self.skip_micro_batch(nonfinite=False)
-        loss = self.guarded_forward(self.to_base_dtype(batch)).loss
+        loss = self.guarded_forward(self.to_base_dtype(batch), step_tokens).loss
         if not torch.isfinite(loss):
             self.on_nonfinite(loss, batch_idx)
             return self.skip_micro_batch(nonfinite=True)
-        self.train_loss.update(loss.detach())
+        self.note_loss(loss.detach(), batch, step_tokens)
         self.nonfinite_skips.update(0.0)
-        return loss
+        if step_tokens is None:
+            return loss  # Lightning divides it by accumulate_grad_batches: the mean of the micro-batch means
+        # HF Trainer: sum / step tokens, times the world size under DDP (which averages the ranks' gradients); the
+        # factor accumulate_grad_batches undoes Lightning's division
+        world = self.trainer.world_size if self.data_parallel else 1
+        return loss * (self.trainer.accumulate_grad_batches * world)
+
+    def step_label_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The label tokens of this micro-batch's optimizer step, over all its micro-batches and all ranks (HF
+        Trainer's `num_items_in_batch` with `average_tokens_across_devices`): the training loader counts a step's
+        micro-batches on this rank (`step_tokens.py`); the first micro-batch of each step sums them over ranks."""
+        if STEP_TOKENS_KEY not in batch:
+            raise RuntimeError(f"step_token_loss needs each training batch's {STEP_TOKENS_KEY!r}: batches from "
+                               "OCRDataModule's training loader carry it")  # fmt: skip
+        if self.step_tokens is None or self.step_tokens[0] != self.global_step:
+            count = torch.tensor(batch[STEP_TOKENS_KEY], dtype=torch.long, device=self.device)
+            if self.data_parallel:  # a collective: every rank gets here once per step, skipped batches included
+                count = self.trainer.strategy.reduce(count, reduce_op="sum")
+            self.step_tokens = (self.global_step, count.float())  # a float, as Trainer's count reaches the loss
+        return self.step_tokens[1]
+
+    def note_loss(self, loss: torch.Tensor, batch: dict[str, Any], step_tokens: torch.Tensor | None) -> None:
+        """The step's `train/loss` is what HF logs: the mean of the micro-batch means; or, normalised over the step's
+        tokens, the step's summed token loss over its tokens (each micro-batch's mean weighted by its tokens)."""
+        if step_tokens is None:
+            self.train_loss.update(loss)
+            return
+        tokens = float(batch[TOKENS_KEY])
+        self.train_loss.update(loss * step_tokens / tokens, weight=tokens)
 
     def skip_micro_batch(self, nonfinite: bool) -> torch.Tensor | None:
         """What a micro-batch that trains nothing returns. Its metric updates (weight 0) keep every rank's update count
@@ -232,10 +275,10 @@ class DeepSeekOCRModule(L.LightningModule):
             return None
         return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
-    def guarded_forward(self, batch: dict[str, Any]) -> Any:
+    def guarded_forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | None = None) -> Any:
         """Forward, with the remedies spelled out when the GPU runs out of memory."""
         try:
-            return self(batch)
+            return self(batch, num_items_in_batch)
         except torch.cuda.OutOfMemoryError as error:
             data = getattr(self._trainer, "datamodule", None)  # None outside a Trainer
             size = data.hparams.batch_size if data is not None else len(batch["texts"])
@@ -249,8 +292,8 @@ class DeepSeekOCRModule(L.LightningModule):
         log.warning("%s on rank %d: skipping this micro-batch", message, self.global_rank)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One `train/loss` per optimizer step: the mean over its accumulated micro-batches (as HF logs it), all ranks'
-        together (NaN when every one was skipped); `train/nonfinite_skipped` counts the step's skipped micro-batches
+        """One `train/loss` per optimizer step, as HF logs it (`note_loss`), all ranks' together (NaN when every
+        micro-batch was skipped); `train/nonfinite_skipped` counts the step's skipped micro-batches
         (all ranks). Both every step: Lightning would repeat a value not logged again."""
         if self.train_loss.update_count:  # equal on every rank: all compute (gather) together
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .step_tokens import with_step_tokens
+
 
 class ShardedEpochSampler(Sampler[int]):
     """Indices of one rank: a seeded permutation per epoch (or the natural order), every `world`-th from `rank`.
@@ -59,9 +61,18 @@ class ResumableLoader(DataLoader):
     one reads the fit loop's own count of processed batches.
     """
 
-    def __init__(self, *args: Any, progress: Callable[[], int] = lambda: 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], int] = lambda: 0, step_batches: int = 0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        """`step_batches` > 0: batches come in optimizer steps of that many micro-batches, each carrying the label
+        tokens of its step (`step_tokens.with_step_tokens`: what a loss normalised over the step needs)."""
         super().__init__(*args, **kwargs)
-        self.progress = progress
+        self.progress, self.step_batches = progress, step_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.step_batches:
+            return super().__iter__()
+        done = self.sampler.skip // (self.batch_size or 1)  # read before the sampler's pass resets it
+        return with_step_tokens(super().__iter__(), self.step_batches, done)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": int(self.progress())}

@@ -4,30 +4,31 @@ and every unusable one listed at once before the first step, instead of a stop a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from .batching import SampleCollator
 from .checks import ConfigError
-from .collate import OCRCollator
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ProblemsOnly:
-    """A collate function that runs the collator's checks and returns only the rejected samples' reports."""
+    """A collate function that runs the collator's checks and returns only the rejected samples' reports (all of
+    them, whatever the collator's policy: the policy is applied to the whole list afterwards)."""
 
-    collator: OCRCollator
+    collator: SampleCollator
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[tuple[str, Any, str, str]]:
-        return self.collator.triage(samples)[2]
+        return self.collator.triage(samples).skipped
 
 
-def scan_samples(dataset: Dataset, collator: OCRCollator, batch_size: int, num_workers: int) -> list[tuple]:
+def scan_samples(dataset: Dataset, collator: SampleCollator, batch_size: int, num_workers: int) -> list[tuple]:
     """(split, index, path, reason) of every sample the collator would reject, in the DataLoader's workers."""
-    check = ProblemsOnly(replace(collator, policy="skip"))
+    check = ProblemsOnly(collator)
     loader = DataLoader(dataset, batch_size=max(1, batch_size), num_workers=num_workers, collate_fn=check)
     return [problem for problems in loader for problem in problems]
 

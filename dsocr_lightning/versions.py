@@ -12,7 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 ModelVersion = Literal["v1", "v2"]
 V2_MODEL_TYPES = {"deepseek_ocr2"}
@@ -134,18 +134,30 @@ def checkpoint_version(name_or_path: str, revision: str | None = None, adapter_p
 
 
 # ---- dispatch: the few places where the two versions part --------------------------------------------------------
+class LoadedModel(NamedTuple):
+    """What a family's loader gives the LightningModule, and what the family decides about its loss."""
+
+    model: Any  # the peft model
+    text_side: Any  # tokenizer (v1) or processor (v2)
+    backend: str
+    step_token_loss: bool  # the forward takes HF's loss keyword arguments (`num_items_in_batch`), so HF Trainer
+    # normalises each optimizer step's loss by the label tokens of all its micro-batches, and so does this project
+
+
 def load_model(
     settings: Any, lora: Any, data_parallel: bool = False, device: Any = None, compute_dtype: Any = None
-) -> Any:
-    """(peft model, tokenizer or processor, backend) for the checkpoint's version (see loading.load_model)."""
+) -> LoadedModel:
+    """The loaded model of the checkpoint's version (see loading.load_model, v2.loading.load_model)."""
     version = checkpoint_version(settings.model_name_or_path, settings.revision, settings.adapter_path)
     if version == "v2":
+        from .v2.loading import TAKES_LOSS_KWARGS
         from .v2.loading import load_model as load_v2
 
-        return load_v2(settings, lora, device, compute_dtype)
+        return LoadedModel(*load_v2(settings, lora, device, compute_dtype), TAKES_LOSS_KWARGS)
+    from .loading import TAKES_LOSS_KWARGS
     from .loading import load_model as load_v1
 
-    return load_v1(settings, lora, data_parallel, device, compute_dtype)
+    return LoadedModel(*load_v1(settings, lora, data_parallel, device, compute_dtype), TAKES_LOSS_KWARGS)
 
 
 def load_text_side(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:

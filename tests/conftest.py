@@ -21,7 +21,6 @@ if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors throu
 # marker, all others `v1` (they use v1's remote-code stand-in); the other version's are skipped with the reason.
 ENVIRONMENT = environment_version()
 V2_TESTS = Path(__file__).parent / "v2"
-collect_ignore = ["test_standin.py"] if ENVIRONMENT == "v2" else []  # imports v1's model classes at the top
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,8 +42,8 @@ def poison(rank: int, step: int) -> None:
 
     forward = DeepSeekOCRModule.forward
 
-    def poisoned(self: Any, batch: dict) -> Any:
-        out = forward(self, batch)
+    def poisoned(self: Any, batch: dict, *args: Any) -> Any:
+        out = forward(self, batch, *args)
         if self.training and (self.global_rank, self.global_step) == (rank, step):
             out.loss = out.loss * float("nan")
         return out

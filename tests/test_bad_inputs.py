@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dsocr_lightning.batching import BadSampleError
 from dsocr_lightning.callbacks import BadSamples
-from dsocr_lightning.collate import BadSampleError, OCRCollator
+from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.data import OCRDataModule, OCRSamples
 from dsocr_lightning.images import MODES, image_token_count, load_image
 from dsocr_lightning.render import render_line

@@ -5,7 +5,8 @@ import types
 import pytest
 from PIL import Image
 
-from dsocr_lightning.collate import IGNORE_INDEX, OCRCollator
+from dsocr_lightning.batching import IGNORE_INDEX
+from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.images import MODES, image_token_count
 
 BOS, EOS, PAD, IMG = 0, 1, 2, 128815

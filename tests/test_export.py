@@ -14,13 +14,13 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
+from dsocr_lightning import standin  # its checkpoint writer imports v1's model classes on first use: collected anywhere
 from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.export import export, merge_lora_layers, report_rounding
 from dsocr_lightning.images import MODES
 from dsocr_lightning.loading import TARGET_MODULES, LoadSettings, LoraSettings, load_model
 from dsocr_lightning.module import save_adapter
 from dsocr_lightning.render import render_line
-from dsocr_lightning.standin import write_standin_checkpoint
 
 KEYS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
 ROOT = Path(__file__).parents[1]
@@ -112,7 +112,7 @@ print(status("VmHWM") - rss)
 def test_export_of_a_16bit_base_peaks_near_its_size(tmp_path):
     """A bf16 stand-in with the real vocabulary at hidden size 512 (141M parameters, 270 MiB in bf16): the export
     process grows by less than 1.5 times that (3 times before: a float32 copy of the base, then the merge)."""
-    base = write_standin_checkpoint(tmp_path / "base", hidden_size=512, dtype=torch.bfloat16)
+    base = standin.write_standin_checkpoint(tmp_path / "base", hidden_size=512, dtype=torch.bfloat16)
     model = AutoModel.from_pretrained(base, trust_remote_code=True, dtype=torch.float32)
     size16 = 2 * sum(p.numel() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGET_MODULES))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from torchmetrics.functional.text import char_error_rate
 
+from dsocr_lightning.batching import IGNORE_INDEX
 from dsocr_lightning.cli import main
-from dsocr_lightning.collate import IGNORE_INDEX, OCRCollator
+from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.generation import generate_texts
 from dsocr_lightning.render import write_imagefolder
 from dsocr_lightning.summary import RunSummary

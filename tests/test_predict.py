@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fake_generation import dropped_chars, install
 
+from dsocr_lightning.batching import BadSampleError
 from dsocr_lightning.cli import main
-from dsocr_lightning.collate import BadSampleError
 from dsocr_lightning.predict import JsonlPredictionWriter, expand_inputs
 from dsocr_lightning.render import render_line
 

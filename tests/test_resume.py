@@ -164,8 +164,8 @@ def test_nonfinite_loss_stops_and_keeps_the_good_adapter(standin_dir, lines_dir,
     (good / "adapter_model.safetensors").write_bytes(b"the good one")
     forward = DeepSeekOCRModule.forward
 
-    def poisoned(self, batch):
-        out = forward(self, batch)
+    def poisoned(self, batch, *args):
+        out = forward(self, batch, *args)
         if self.global_step >= 2:
             out.loss = out.loss * float("nan")
         return out

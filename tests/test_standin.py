@@ -6,12 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from dsocr_lightning.standin import (
-    expected_lora_params,
-    image_token_count,
-    write_standin_checkpoint,
-    write_tokenizer,
-)
+from dsocr_lightning import standin  # its checkpoint writer imports v1's model classes on first use: collected anywhere
+from dsocr_lightning.standin import expected_lora_params, image_token_count, write_tokenizer
 
 IMAGE = 128815
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,7 +15,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_standin_checkpoint(tmp_path_factory.mktemp("standin_ckpt") / "ckpt")
+    return standin.write_standin_checkpoint(tmp_path_factory.mktemp("standin_ckpt") / "ckpt")
 
 
 @pytest.fixture()
@@ -92,9 +88,9 @@ def test_checkpoint_loads_with_expected_module_names(ckpt, model):
 
 
 def test_checkpoint_is_deterministic(tmp_path):
-    a = write_standin_checkpoint(tmp_path / "a", seed=3)
-    b = write_standin_checkpoint(tmp_path / "b", seed=3)
-    c = write_standin_checkpoint(tmp_path / "c", seed=4)
+    a = standin.write_standin_checkpoint(tmp_path / "a", seed=3)
+    b = standin.write_standin_checkpoint(tmp_path / "b", seed=3)
+    c = standin.write_standin_checkpoint(tmp_path / "c", seed=4)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
@@ -190,7 +186,7 @@ def test_image_features_layout_and_counts(model):
 def test_labelled_logits_only_keeps_the_loss(model, tmp_path):
     """The demo's CPU shortcut: lm_head at the learned positions only, the same loss; logits_to_keep as HF's."""
     fast = AutoModel.from_pretrained(
-        write_standin_checkpoint(tmp_path / "fast", labelled_logits_only=True), trust_remote_code=True,
+        standin.write_standin_checkpoint(tmp_path / "fast", labelled_logits_only=True), trust_remote_code=True,
         dtype=torch.float32,
     ).eval()  # fmt: skip
     batch = images_batch()

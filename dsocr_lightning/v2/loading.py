@@ -16,6 +16,10 @@ from ..loading import LoadSettings, LoraSettings, absolute_source, count_paramet
 from .lora import apply_lora, groups_report, peft_config
 
 log = logging.getLogger(__name__)
+# transformers' DeepseekOcr2ForConditionalGeneration.forward passes `num_items_in_batch` on to its loss: HF Trainer
+# normalises each optimizer step's loss by the label tokens of all its micro-batches, and so does the module
+# (versions.LoadedModel.step_token_loss, step_tokens.py).
+TAKES_LOSS_KWARGS = True
 
 
 def check_source(name: str) -> None:

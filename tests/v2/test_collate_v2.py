@@ -4,7 +4,7 @@ page, and the model accepts them (its own placeholder check)."""
 import pytest
 import torch
 
-from dsocr_lightning.collate import IGNORE_INDEX
+from dsocr_lightning.batching import IGNORE_INDEX
 from dsocr_lightning.images import MODES
 from dsocr_lightning.v2.collate import ProcessorCollator
 
@@ -66,10 +66,38 @@ def test_the_model_takes_the_batch(v2_dir, processor, pages):
 
 
 def test_bad_samples_follow_the_policy(processor, pages):
-    from dsocr_lightning.collate import BadSampleError
+    from dsocr_lightning.batching import BadSampleError
 
     samples = [{"image": pages["line"], "text": "ok", "index": 0}, {"image": None, "text": " ", "index": 1}]
     with pytest.raises(BadSampleError, match="index 1"):
         ProcessorCollator(processor)(samples)
     batch = ProcessorCollator(processor, policy="skip")(samples)
     assert batch["texts"] == ["ok"] and len(batch["skipped"]) == 1
+
+
+def test_both_families_share_the_bookkeeping(processor, pages):
+    """v1's collator and v2's differ only in their images: on the same samples (one of them bad) both give the same
+    texts, indices, paths, skipped reports and learned labels."""
+    from dsocr_lightning.collate import OCRCollator
+
+    samples = [{"image": pages["line"], "text": f"t{i}", "index": 10 + i, "path": f"{i}.png"} for i in range(3)]
+    samples[1] |= {"text": " "}
+    v1 = OCRCollator(processor.tokenizer, MODES["tiny"], policy="skip")(samples)  # v1's geometry, v2's tokenizer
+    v2 = ProcessorCollator(processor, policy="skip")(samples)
+    assert v2["indices"] == [10, 12] and v2["paths"] == ["0.png", "2.png"] and v2["texts"] == ["t0", "t2"]
+    for key in ("texts", "indices", "paths", "skipped"):
+        assert v1[key] == v2[key], key
+    learned = [labels[labels != IGNORE_INDEX].tolist() for labels in (v1["labels"], v2["labels"])]
+    assert learned[0] == learned[1] and "images" in v1 and "pixel_values" in v2
+
+
+def test_the_scan_lists_every_bad_sample_whatever_the_policy(processor, pages):
+    """The pre-scan runs the collator it is given (no copy with another policy, whose setup could differ)."""
+    from dsocr_lightning.scan import scan_samples
+
+    samples = [{"image": pages["line"], "text": "ok", "index": 0}, {"image": "missing.png", "text": "x", "index": 1},
+               {"image": pages["line"], "text": "", "index": 2}]  # fmt: skip
+    collator = ProcessorCollator(processor, policy="error", split="train")
+    problems = scan_samples(samples, collator, batch_size=2, num_workers=0)
+    assert [(split, index) for split, index, _, _ in problems] == [("train", 1), ("train", 2)]
+    assert collator.processor is processor and collator.policy == "error"
