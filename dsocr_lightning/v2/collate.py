@@ -74,6 +74,7 @@ class ProcessorCollator(OCRCollator):
         good, prepared, skipped = self.triage(samples)
         batch: dict[str, Any] = {"texts": [s["text"] or "" for s in good], "skipped": skipped}
         batch["paths"] = [str(s.get("path", "")) for s in good]
+        batch["indices"] = [s.get("index") for s in good]  # as v1's: predictions and the error report name lines
         if not good:
             return batch
         encoded, locals_ = [e for _, e in prepared], [local for (_, local), _ in prepared]
