@@ -15,6 +15,8 @@ import torch
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import WordErrorRate
 
+from .checks import ConfigError
+
 
 @dataclass
 class LoopSettings:
@@ -22,6 +24,11 @@ class LoopSettings:
 
     min_repeats: int = 3  # copies of the span the output has beyond those the reference ends in
     min_chars: int = 10  # characters those extra copies span, at least
+
+    def __post_init__(self) -> None:
+        if self.min_repeats < 1 or self.min_chars < 1:
+            raise ConfigError(f"loop.min_repeats ({self.min_repeats}) and loop.min_chars ({self.min_chars}) count "
+                              "copies and characters: give each 1 or more (defaults 3 and 10)")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,8 @@ def digest(folder: Path) -> dict[str, str]:
         ("exists", "error: report.html exists: pass --output with a new file name (nothing was written)"),
         ("other-lines", "error: line 2 differs: "),
         ("no-reference", "has no reference: predict a split with references (--data.predict_split)"),
+        ("loop-settings", "error: loop.min_repeats (0) and loop.min_chars (10) count copies and characters: give each"),
+        ("thumbnail", "error: thumbnail 0 x 96 px: give a width and height of 1 px or more"),
     ],
 )
 def test_report_errors_say_what_to_do_and_touch_nothing(case, message, prediction_files, tmp_path):
@@ -216,11 +218,12 @@ def test_report_errors_say_what_to_do_and_touch_nothing(case, message, predictio
     elif case == "other-lines":
         rows = after.read_text(encoding="utf-8").splitlines()
         after.write_text("\n".join([rows[0], rows[2], rows[1], *rows[3:]]) + "\n", encoding="utf-8")
-    else:
+    elif case == "no-reference":
         rows = [json.loads(line) for line in after.read_text(encoding="utf-8").splitlines()]
         after.write_text("".join(json.dumps({"path": r["path"], "text": r["text"]}) + "\n" for r in rows))
     files = digest(tmp_path)
-    done = python_m("report", str(before), str(after), cwd=tmp_path)
+    flags = {"loop-settings": ["--loop.min_repeats", "0"], "thumbnail": ["--thumbnail.width", "0"]}.get(case, [])
+    done = python_m("report", str(before), str(after), *flags, cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert digest(tmp_path) == files  # every file as it was, none added
@@ -247,7 +250,8 @@ def browser():
 
 
 def test_a_person_sees_lines_marks_images_and_right_to_left_text(browser, prediction_files, tmp_path):
-    page = report([str(p) for p in prediction_files], str(tmp_path / "report.html"), names=["base", "fine-tuned"])
+    files = [os.path.relpath(p) for p in prediction_files]  # as a user types them (../before.jsonl)
+    page = report(files, str(tmp_path / "report.html"), names=["base", "fine-tuned"])
     seen = browser_checks(browser, page, tmp_path / "profile")
     assert seen["lines"] == len(LINES)
     assert seen["images"] == {"count": len(LINES), "decoded": len(LINES), "shown": len(LINES)}

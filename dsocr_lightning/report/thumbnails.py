@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..checks import ConfigError
 from ..images import load_image
 
 
@@ -20,6 +21,11 @@ class ThumbnailSize:
 
     width: int = 800  # px at most
     height: int = 96  # px at most
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.height < 1:
+            raise ConfigError(f"thumbnail {self.width} x {self.height} px: give a width and height of 1 px or more "
+                              "(defaults 800 x 96)")  # fmt: skip
 
 
 def thumbnail(source: Any, size: ThumbnailSize) -> Image.Image:
