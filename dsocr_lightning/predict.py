@@ -51,9 +51,9 @@ class ImageFiles(Dataset):
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes `{"path", "text", "reached_max_new_tokens"[, "reference", "cer"]}` per image, or `{"path", "error"}` for an image that could not
-    be used, to `output` (`.rankN` added under DDP). The file appears whole when prediction ends; a failed run
-    leaves none."""
+    """Writes `{"path", "text", "reached_max_new_tokens"[, "reference", "cer"]}` per image, or `{"path", "error"}`
+    for an image that could not be used, to `output` (`.rankN` added under DDP). The file appears whole when
+    prediction ends; a failed run leaves none."""
 
     def __init__(self, output: str = "lightning_logs/predictions.jsonl") -> None:
         """

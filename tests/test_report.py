@@ -144,7 +144,7 @@ def test_predict_with_references_writes_a_report(standin_dir, lines_dir, tmp_pat
     assert html.count('<tr class="line"') == len(rows) == 4 and html.count("<img src=") == 4
 
 
-# ---- before and after, from prediction files ---------------------------------------------------------------------------
+# ---- before and after, from prediction files -------------------------------------------------------------------------
 LINES = [  # reference, before (a base model's confusions), after
     ("می\u200cخواهم کتاب بخوانم ۱۲", "میخواهم كتاب بخوانم 12", "می\u200cخواهم کتاب بخوانم ۱۲"),
     ("سلام دنیا", "سلام دنيا دنيا دنيا دنيا دنيا", "سلام دنیا"),
@@ -162,7 +162,8 @@ def prediction_files(tmp_path):
     files = []
     for side, name in ((1, "before"), (2, "after")):
         rows = [{"path": str(tmp_path / f"{i}.png"), "text": line[side], "reached_max_new_tokens": False,
-                 "reference": line[0], "cer": sample_cer(line[side], line[0])} for i, line in enumerate(LINES)]  # fmt: skip
+                 "reference": line[0], "cer": sample_cer(line[side], line[0])}
+                for i, line in enumerate(LINES)]  # fmt: skip
         files.append(tmp_path / f"{name}.jsonl")
         files[-1].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return files
@@ -238,7 +239,7 @@ def test_report_takes_one_or_two_files(prediction_files, tmp_path):
     assert single.read_text(encoding="utf-8").count('<tr class="line"') == len(LINES)
 
 
-# ---- in a real browser ------------------------------------------------------------------------------------------------
+# ---- in a real browser ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
     found = chromium()

@@ -17,6 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ..line_metrics import Loop
 from .align import Op, align, confusions
 from .histogram import COLOURS, histogram_svg
 from .lines import Figures, Line, figures, worst_first
@@ -122,12 +123,7 @@ def summary(facts: dict[str, str], sides: list[Side]) -> str:
     for name, label, meaning in METRICS:
         cells = [value(f, name) for f in figs]
         rows.append([label, *cells, *([change(figs, name)] if len(figs) == 2 else []), escape(meaning)])
-    head = [
-        "metric",
-        *(names if len(sides) == 2 else ["value"]),
-        *(["change"] if len(sides) == 2 else []),
-        "what it is",
-    ]
+    head = ["metric", *names, "change", "what it is"] if len(sides) == 2 else ["metric", "value", "what it is"]
     parts = ['<section id="summary"><h2>Summary</h2>', table(None, fact_rows, "facts"),
              table(head, rows, "metrics")]  # fmt: skip
     if len(sides) == 2:
@@ -144,9 +140,10 @@ def line_changes(sides: list[Side]) -> dict[int, float]:
 def change_counts(sides: list[Side]) -> str:
     changes = list(line_changes(sides).values())
     improved, worsened = sum(c < 0 for c in changes), sum(c > 0 for c in changes)
+    unchanged = len(changes) - improved - worsened
     return (f'<p class="changes">Per line, from {escape(sides[0].name)} to {escape(sides[1].name)}: '
             f'<b class="improved">{improved} improved</b>, <b class="worsened">{worsened} worsened</b>, '
-            f'<b class="unchanged">{len(changes) - improved - worsened} unchanged</b> (CER of the line).</p>')  # fmt: skip
+            f'<b class="unchanged">{unchanged} unchanged</b> (CER of the line).</p>')  # fmt: skip
 
 
 def histogram(sides: list[Side]) -> str:
@@ -185,7 +182,9 @@ def image_cell(line: Line, image_of: ImageOf, size: ThumbnailSize, missing: list
 
 
 def text_row(label: str, html: str, css: str) -> str:
-    return f'<div class="row"><span class="label">{escape(label)}</span><div class="text {css}" dir="auto">{html}</div></div>'
+    """A labelled text in its own direction (the label outside it, so that it does not set the direction)."""
+    text = f'<div class="text {css}" dir="auto">{html}</div>'
+    return f'<div class="row"><span class="label">{escape(label)}</span>{text}</div>'
 
 
 def line_order(sides: list[Side]) -> list[int]:
@@ -201,9 +200,14 @@ def cer_cell(lines: list[Line], names: list[str]) -> str:
     cers = " → ".join(f"{line.cer:.3f}" for line in lines)
     if len(lines) == 2:
         cers += f'<br><span class="delta">{lines[1].cer - lines[0].cer:+.3f}</span>'
-    loops = [f'<span class="loop" title="{escape(line.loop.describe(), quote=True)}">loop{f": {escape(side)}" if side else ""}</span>'
-             for line, side in zip(lines, names) if line.loop is not None]  # fmt: skip
+    loops = [loop_mark(line.loop, side) for line, side in zip(lines, names) if line.loop is not None]
     return cers + ("<br>" + " ".join(loops) if loops else "")
+
+
+def loop_mark(loop: Loop, side: str) -> str:
+    """A "loop" badge (naming the set when there are two) whose title says which rule found it."""
+    label = f"loop: {escape(side)}" if side else "loop"
+    return f'<span class="loop" title="{escape(loop.describe(), quote=True)}">{label}</span>'
 
 
 def row_class(lines: list[Line]) -> str:
@@ -224,8 +228,9 @@ def line_rows(sides: list[Side], image_of: ImageOf, size: ThumbnailSize) -> Iter
         lines = [lines_of[index] for lines_of in by_index]
         texts = [text_row("reference", escape(lines[0].reference), "ref")]
         texts += [text_row(side.name if len(sides) > 1 else "read", side.marks[index], "pred") for side in sides]
+        image = image_cell(lines[0], image_of, size, missing)
         yield (f'<tr class="{row_class(lines)}" id="line-{index}"><td class="index">{index}</td>'
-               f'<td class="cer">{cer_cell(lines, names)}</td><td class="image">{image_cell(lines[0], image_of, size, missing)}</td>'
+               f'<td class="cer">{cer_cell(lines, names)}</td><td class="image">{image}</td>'
                f'<td class="texts">{"".join(texts)}</td></tr>\n')  # fmt: skip
     yield "</tbody></table></section>\n"
     if missing:
