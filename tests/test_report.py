@@ -27,6 +27,7 @@ from dsocr_lightning.metrics import sample_cer
 from dsocr_lightning.render import render_line
 from dsocr_lightning.report import align as align_module
 from dsocr_lightning.report.align import align
+from dsocr_lightning.report.callback import free_path
 from dsocr_lightning.report.cli import report
 from dsocr_lightning.report.histogram import BINS, bin_of
 from dsocr_lightning.report.marks import marked
@@ -228,6 +229,22 @@ def test_report_errors_say_what_to_do_and_touch_nothing(case, message, predictio
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert digest(tmp_path) == files  # every file as it was, none added
+
+
+def test_unusable_images_are_left_out_and_counted(prediction_files, tmp_path):
+    before, after = prediction_files
+    rows = before.read_text(encoding="utf-8").splitlines()
+    rows[2] = json.dumps({"path": json.loads(rows[2])["path"], "error": "unreadable image: truncated"})
+    before.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    html = report([str(before), str(after)], str(tmp_path / "r.html")).read_text(encoding="utf-8")
+    assert "<tr><td>lines left out (unusable image in a file)</td><td>1</td></tr>" in html
+    assert sorted(map(int, re.findall(r'id="line-(\d+)"', html))) == [0, 1, 3, 4]
+
+
+def test_a_run_folder_report_never_replaces_a_file(tmp_path):
+    (tmp_path / "report.html").write_text("kept")
+    (tmp_path / "report-2.html").write_text("kept too")
+    assert free_path(tmp_path / "report.html") == tmp_path / "report-3.html"
 
 
 def test_report_takes_one_or_two_files(prediction_files, tmp_path):

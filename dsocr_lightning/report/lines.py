@@ -54,7 +54,7 @@ def figures(lines: list[Line]) -> Figures:
         exact_lines=sum(is_exact(x.prediction, x.reference) for x in lines) / len(lines),
         loop_rate=loops / len(lines),
         loops=loops,
-        length_ratio=sum(ratios) / len(ratios),
+        length_ratio=sum(ratios) / len(ratios) if ratios else float("nan"),  # NaN as the metric, with no reference
     )
 
 
