@@ -53,12 +53,13 @@ def line_of(number: int, row: dict[str, Any], loop: LoopSettings) -> Line:
 
 
 def check_same_lines(files: list[Path], tables: list[list[dict[str, Any]]]) -> None:
-    """Two files of the same lines: same count, and per line the same image and reference."""
+    """Two files of the same lines: same count, and per line the same image and (where both read it) reference."""
     if len(tables[0]) != len(tables[1]):
         raise ConfigError(f"{files[0]} has {len(tables[0])} lines, {files[1]} {len(tables[1])}: compare prediction "
                           "files of the same lines (the same inputs or split, in the same order)")  # fmt: skip
     for number, (a, b) in enumerate(zip(*tables), 1):
-        if a["path"] != b["path"] or a.get("reference") != b.get("reference"):
+        read = "error" not in a and "error" not in b  # an unusable image has no reference in its line
+        if a["path"] != b["path"] or (read and a["reference"] != b["reference"]):
             raise ConfigError(f"line {number} differs: {files[0]} has {a['path']!r} ({a.get('reference')!r}), "
                               f"{files[1]} has {b['path']!r} ({b.get('reference')!r}): compare prediction files of "
                               "the same lines in the same order")  # fmt: skip
