@@ -14,6 +14,11 @@ def run() -> None:
 
         export_main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["report"]:  # an error report from prediction files: its own small CLI, no model
+        from .report.cli import main as report_main
+
+        report_main(sys.argv[2:])
+        return
     import_unsloth_first(sys.argv[1:])  # before the CLI imports lightning, which imports transformers
     from .cli import main
 

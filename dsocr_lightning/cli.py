@@ -29,6 +29,7 @@ from .module import DeepSeekOCRModule
 from .predict import JsonlPredictionWriter
 from .profiling import GpuProfile
 from .quiet import silence_known_noise
+from .report.callback import LineReport
 from .summary import RunSummary
 
 TRAINER_DEFAULTS = {
@@ -71,6 +72,7 @@ class OCRLightningCLI(LightningCLI):
         parser.add_lightning_class_args(GpuProfile, "gpu_profile")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(RunSummary, "run_summary")
+        parser.add_lightning_class_args(LineReport, "line_report")  # report.html, TensorBoard's worst lines
         # The collator's tokenizer is the checkpoint's own: one setting, two users.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")

@@ -96,8 +96,18 @@ def image_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
-    """Greedy transcriptions of the batch's images, special tokens dropped, stripped."""
+Transcripts = tuple[list[str], list[bool]]  # texts, and whether each ended with the end token
+
+
+def transcribe(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> Transcripts:
+    """Greedy transcriptions of the batch's images (special tokens dropped, stripped), and whether each ended with the
+    end token (False: decoding stopped at `max_new_tokens`; both decoders keep the EOS they emit)."""
     new_tokens = generate_tokens(model, tokenizer, batch, settings)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return texts, (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+
+
+def generate_texts(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> list[str]:
+    """Greedy transcriptions of the batch's images, special tokens dropped, stripped."""
+    return transcribe(model, tokenizer, batch, settings)[0]

@@ -27,7 +27,8 @@ from .fast.decode import release_decoder
 from .fast.layer_graphs import graphs_active, pad_length, skipped_graphs, stable_grads
 from .fast.moe import looped_expert_layers
 from .folders import replaced_folder
-from .generation import GenerationSettings, generate_texts
+from .generation import GenerationSettings, transcribe
+from .line_metrics import LineMetrics, LoopSettings
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
@@ -68,6 +69,7 @@ class DeepSeekOCRModule(L.LightningModule):
         adapter_dir: str | None = None,
         adapter_path: str | None = None,
         normalize_persian: bool = False,
+        loop: LoopSettings = LoopSettings(),
         log_samples: int = 4,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
@@ -98,6 +100,8 @@ class DeepSeekOCRModule(L.LightningModule):
             adapter_path: start from this saved LoRA adapter (validate/test/predict "after", or continue training).
             normalize_persian: also report CER after Persian normalisation (`*/cer_norm*`: Arabic yeh/kaf to
                 Persian, tatweel dropped, ZWNJ and digits unified, whitespace collapsed).
+            loop: when an output counts as a loop for `*/loop_rate` besides reaching max_new_tokens (README, "Loop
+                rate"): the extra copies of a span it ends in, and the characters they span at least.
             log_samples: validation samples shown in TensorBoard each time (image, reference, prediction, CER).
             nonfinite_loss: on a NaN/inf loss, `stop` the run (no adapter is written over a good one) or `skip`
                 that micro-batch; either way it is logged with the step.
@@ -124,6 +128,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step (weighted: see note_loss)
         self.nonfinite_skips = SumMetric()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
+        self.val_lines = LineMetrics(loop if isinstance(loop, LoopSettings) else LoopSettings(**loop))
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.saved_adapters: dict[str, list[Path]] = {}  # "last" / "best" -> folders written at the end of fit
@@ -321,26 +326,30 @@ class DeepSeekOCRModule(L.LightningModule):
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def evaluate(self, batch: dict[str, Any], prefix: str, batch_idx: int) -> None:
+    def evaluate(self, batch: dict[str, Any], prefix: str, batch_idx: int) -> dict[str, list] | None:
+        """The batch's loss and metrics; returns each line's prediction, CER, end and loop (for the error report)."""
         size = len(batch["texts"])
         if not size:
-            return
+            return None
         self.val_loss.update(self(self.to_base_dtype(batch)).loss)
         self.log(f"{prefix}/loss", self.val_loss, batch_size=size)
-        predictions = generate_texts(self.model, self.tokenizer, batch, self.generation)
+        predictions, ended = transcribe(self.model, self.tokenizer, batch, self.generation)
         cers = self.val_cer.update(predictions, batch["texts"])
+        loops = self.val_lines.update(predictions, batch["texts"], ended)
         if batch_idx == 0 and self.trainer.is_global_zero:
             show_samples(self.logger, prefix, batch, predictions, cers, self.hparams.log_samples, self.global_step)
+        return {"predictions": predictions, "cers": cers, "ended": ended, "loops": loops}
 
     def log_cer(self, prefix: str) -> None:
         """The CER metrics themselves: Lightning computes them over every rank's lines, logs and resets them."""
         self.log_dict(self.val_cer.metrics(prefix), prog_bar=True)
+        self.log_dict(self.val_lines.metrics(prefix))
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "val", batch_idx)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list] | None:
+        return self.evaluate(batch, "val", batch_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "test", batch_idx)
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list] | None:
+        return self.evaluate(batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self.log_cer("val")
@@ -366,14 +375,15 @@ class DeepSeekOCRModule(L.LightningModule):
             rank_zero_info("predict: LoRA merged into the base weights for decoding (merge_lora_in_predict)")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per image, in input order: path, transcription and the reference when the data has one; or
-        path and the `error` that made the image unusable (policy `skip`)."""
+        """One record per image, in input order: path, transcription, whether it ended with the end token and the
+        reference when the data has one; or path and the `error` that made the image unusable (policy `skip`)."""
         records = [{"index": index, "path": path, "error": why} for _, index, path, why in batch.get("skipped", [])]
         if batch["texts"]:
-            predictions = generate_texts(self.model, self.tokenizer, self.to_base_dtype(batch), self.generation)
+            predictions, ended = transcribe(self.model, self.tokenizer, self.to_base_dtype(batch), self.generation)
+            columns = zip(batch["indices"], batch["paths"], predictions, ended, batch["texts"])
             records += [
-                {"index": index, "path": path, "text": text, "reference": reference or None}
-                for index, path, text, reference in zip(batch["indices"], batch["paths"], predictions, batch["texts"])
+                {"index": index, "path": path, "text": text, "ended": end, "reference": reference or None}
+                for index, path, text, end, reference in columns
             ]
         return sorted(records, key=lambda record: record["index"])
 

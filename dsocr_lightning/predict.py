@@ -51,9 +51,9 @@ class ImageFiles(Dataset):
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes `{"path", "text"[, "reference", "cer"]}` per image, or `{"path", "error"}` for an image that could not
-    be used, to `output` (`.rankN` added under DDP). The file appears whole when prediction ends; a failed run
-    leaves none."""
+    """Writes `{"path", "text", "reached_max_new_tokens"[, "reference", "cer"]}` per image, or `{"path", "error"}`
+    for an image that could not be used, to `output` (`.rankN` added under DDP). The file appears whole when
+    prediction ends; a failed run leaves none."""
 
     def __init__(self, output: str = "lightning_logs/predictions.jsonl") -> None:
         """
@@ -113,10 +113,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
 
 def jsonl_line(record: dict[str, Any]) -> dict[str, Any]:
-    """The line of one prediction record: its error, or its text (with reference and CER when there is one)."""
+    """The line of one prediction record: its error, or its text, whether decoding stopped at max_new_tokens without
+    the end token, and the reference and CER when there is one."""
     if "error" in record:
         return {"path": record["path"], "error": record["error"]}
-    line = {"path": record["path"], "text": record["text"]}
+    line = {"path": record["path"], "text": record["text"], "reached_max_new_tokens": not record["ended"]}
     if record.get("reference"):
         line |= {"reference": record["reference"], "cer": sample_cer(record["text"], record["reference"])}
     return line

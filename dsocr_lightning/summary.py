@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from .report.callback import LineReport
+
 
 @dataclass
 class RunFacts:
@@ -20,6 +22,7 @@ class RunFacts:
     best_adapters: list[str] = field(default_factory=list)  # folders of the best checkpoint's adapter
     log_dir: str | None = None  # this run's folder: events, checkpoints, config
     logger_root: str | None = None  # the logger's root (all runs): what TensorBoard opens
+    report: str | None = None  # the error report of the last validation (report.html)
 
 
 def summary_lines(facts: RunFacts) -> list[str]:
@@ -38,6 +41,8 @@ def summary_lines(facts: RunFacts) -> list[str]:
         lines.append(f"logs and checkpoints: {facts.log_dir}")
     if facts.logger_root:
         lines.append(f"TensorBoard: tensorboard --logdir {facts.logger_root}")
+    if facts.report:
+        lines.append(f"error report of the last validation: {facts.report}")
     return lines
 
 
@@ -64,6 +69,7 @@ class RunSummary(L.Callback):
             best_adapters=[str(path) for path in getattr(pl_module, "saved_adapters", {}).get("best", [])],
             log_dir=trainer.log_dir,  # a collective under DDP: every rank asks
             logger_root=getattr(trainer.logger, "root_dir", None),
+            report=next((str(c.written) for c in trainer.callbacks if isinstance(c, LineReport) and c.written), None),
         )
         for line in summary_lines(facts):
             rank_zero_info(line)

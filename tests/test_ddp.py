@@ -6,6 +6,7 @@ only rank 0 writing logs, checkpoints and the adapter."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -129,6 +130,25 @@ def test_two_processes_match_one(one, two, odd_lines):
     assert sorted(p.name for p in (two / "lightning_logs/version_0/checkpoints").iterdir()) == sorted(
         p.name for p in (one / "lightning_logs/version_0/checkpoints").iterdir()
     )
+
+
+def report_rows(save_dir: Path) -> tuple[list[int], list[str]]:
+    """The line indices the run's report lists and its summary's metric rows."""
+    (page,) = save_dir.rglob("report.html")  # one report: rank 0's
+    html = page.read_text(encoding="utf-8")
+    lines = [int(i) for i in re.findall(r'<tr class="line" id="line-(\d+)">', html)]
+    return lines, re.findall(r"<tr><td>.*?</tr>", html.split('class="metrics"')[1].split("</table>")[0])
+
+
+def test_two_processes_report_every_line_once(one, two):
+    two, _ = two
+    lines, metrics = report_rows(one)
+    assert sorted(lines) == list(range(5)) and (lines, metrics) == report_rows(two)  # each rank's lines, gathered
+    for tag in ("val/wer", "val/exact_lines", "val/loop_rate", "val/length_ratio"):
+        assert final(one, tag) == pytest.approx(final(two, tag), abs=1e-6)
+    events = EventAccumulator(str(two / "lightning_logs/version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [h.histogram_value.num for h in events.Histograms("val/cer_lines")] == [5]
 
 
 def free_port() -> str:

@@ -110,8 +110,9 @@ def test_each_subcommand_has_what_it_needs(subcommand, flags, message, standin_d
         (["--model.model_name_or_path", "deepseek_ocr", "--model.make_standin", "false"],
          "error: model folder 'deepseek_ocr' not found", "snapshot_download"),
         (["--data.mode", "huge"], "tip: ", "Literal['tiny', 'small', 'base', 'large', 'gundam']. Got value: huge"),
+        (["--model.loop.min_repeats", "0"], "error: loop.min_repeats (0)", "give each 1 or more"),
     ],
-    ids=["missing model folder", "unknown mode"],
+    ids=["missing model folder", "unknown mode", "loop rule"],
 )  # fmt: skip
 def test_python_m_says_what_to_fix_in_a_few_lines(flags, first_line, fix, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

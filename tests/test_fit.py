@@ -1,6 +1,7 @@
 """End to end on the tiny TEST STAND-IN: fit through the CLI, what it logs, checkpoints and the saved adapters."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from dsocr_lightning.cli import main
 from dsocr_lightning.data import OCRDataModule
 from dsocr_lightning.loading import count_parameters
 from dsocr_lightning.standin import expected_lora_params
+from dsocr_lightning.summary import RunSummary
 from dsocr_lightning.trainables import reference_layout
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -63,6 +65,26 @@ def test_loss_every_step_and_val_metrics(fitted, lines_dir):
     corpus, mean = expected_cers(references, dropped_chars(fitted.model.named_parameters()))
     assert scalars(log_dir, "val/cer")[-1][1] == pytest.approx(corpus, abs=1e-6)
     assert scalars(log_dir, "val/cer_mean")[-1][1] == pytest.approx(mean, abs=1e-6)
+
+
+def test_the_line_metrics_are_logged_beside_val_cer(fitted, lines_dir):
+    references = [json.loads(line)["text"] for line in (lines_dir / "test/metadata.jsonl").read_text().splitlines()]
+    k = dropped_chars(fitted.model.named_parameters())  # every prediction: its reference less k characters, ended
+    last = {tag: scalars(fitted.trainer.log_dir, f"val/{tag}") for tag in ("exact_lines", "loop_rate", "length_ratio")}
+    assert all(len(values) == 4 for values in last.values())  # at each validation
+    assert last["exact_lines"][-1][1] == 0.0 and last["loop_rate"][-1][1] == 0.0
+    assert last["length_ratio"][-1][1] == pytest.approx(sum((len(r) - k) / len(r) for r in references) / 4, abs=1e-6)
+    assert len(scalars(fitted.trainer.log_dir, "val/wer")) == 4
+
+
+def test_fit_ends_by_naming_the_report_of_its_last_validation(fitted, caplog):
+    page = Path(fitted.trainer.log_dir) / "report.html"
+    html = page.read_text(encoding="utf-8")
+    assert "fit (the validation at step 4)" in html and html.count('<tr class="line"') == 4
+    summary = next(c for c in fitted.trainer.callbacks if isinstance(c, RunSummary))
+    with caplog.at_level(logging.INFO):
+        summary.teardown(fitted.trainer, fitted.model, "fit")  # what the run logged at its end, once more
+    assert caplog.records[-1].getMessage() == f"error report of the last validation: {page}"
 
 
 def test_tensorboard_shows_each_thing_once(fitted):

@@ -47,7 +47,8 @@ def test_predict_folder_and_split(standin_dir, lines_dir, tmp_path, monkeypatch)
     )
     assert all(layer.merged for layer in cli.model.model.modules() if hasattr(layer, "lora_A"))  # merge_lora_in_predict
     assert [r["path"] for r in rows] == [str(p) for p in sorted((lines_dir / "test").glob("*.png"))]
-    assert all(set(r) == {"path", "text"} and isinstance(r["text"], str) for r in rows)
+    assert all(set(r) == {"path", "text", "reached_max_new_tokens"} and isinstance(r["text"], str) for r in rows)
+    assert all(r["reached_max_new_tokens"] for r in rows)  # the random stand-in never says the end token in 5
 
     install(monkeypatch)  # predictions with known CERs: each reference without its first k characters
     cli, rows = predict(standin_dir, lines_dir, tmp_path / "s.jsonl", "--data.predict_split", "test")

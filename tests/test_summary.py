@@ -7,7 +7,7 @@ def test_summary_lines():
     facts = RunFacts(
         steps=300, cers=[(50, 0.95), (100, 0.2), (150, 0.0), (300, 0.01)],
         adapters=["runs/version_3/lora_model", "/tmp/adapter"], best_adapters=["runs/version_3/lora_model_best"],
-        log_dir="runs/version_3", logger_root="runs",
+        log_dir="runs/version_3", logger_root="runs", report="runs/version_3/report.html",
     )  # fmt: skip
     assert summary_lines(facts) == [
         "fit done: 300 optimizer steps",
@@ -17,6 +17,7 @@ def test_summary_lines():
         "LoRA adapter + tokenizer, best val/cer: runs/version_3/lora_model_best",
         "logs and checkpoints: runs/version_3",
         "TensorBoard: tensorboard --logdir runs",
+        "error report of the last validation: runs/version_3/report.html",
     ]
     assert summary_lines(RunFacts(steps=4)) == ["fit done: 4 optimizer steps"]  # no validation, no logger
 

@@ -63,6 +63,14 @@ def test_loss_every_step_and_cer(fitted):
     assert len(events.Scalars("val/cer")) == 1 and len(events.Scalars("val/loss")) == 1
 
 
+def test_line_metrics_and_the_error_report(fitted):
+    events = EventAccumulator(fitted.trainer.log_dir)
+    events.Reload()
+    assert all(len(events.Scalars(f"val/{tag}")) == 1 for tag in ("wer", "exact_lines", "loop_rate", "length_ratio"))
+    html = (Path(fitted.trainer.log_dir) / "report.html").read_text(encoding="utf-8")
+    assert html.count('<tr class="line"') == 4 and html.count('<img src="data:image/png;base64,') == 4
+
+
 def test_checkpoint_and_adapter(fitted):
     ckpt = torch.load(Path(fitted.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)
     trainable = {n for n, p in fitted.model.named_parameters() if p.requires_grad}
