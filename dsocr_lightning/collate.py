@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from .images import MODES, Mode, image_token_count, load_image, preprocess
+from .checks import ConfigError
+from .images import MODES, Mode, image_token_count, load_image, preprocess, tile_grid
 
 BadSamplePolicy = Literal["error", "skip"]
 IGNORE_INDEX = -100
@@ -29,8 +30,8 @@ class Encoded:
     response: list[int]
 
 
-class BadSampleError(ValueError):
-    """A sample that cannot be trained on, named by split, index and path."""
+class BadSampleError(ConfigError):
+    """A sample that cannot be trained on, named by split, index and path (one `error:` line from the CLI)."""
 
 
 class BadSample(Exception):
@@ -104,6 +105,17 @@ class OCRCollator:
 
     def prepare(self, sample: dict[str, Any]) -> tuple[tuple, Encoded]:
         """Pixels and tokens of one sample, or `BadSample` with the reason."""
+        text, image = self.checked_text(sample), self.opened_image(sample)
+        view = preprocess(image, self.mode)
+        return view, self.checked_encoding(text, view[2])
+
+    def inspect(self, sample: dict[str, Any]) -> None:
+        """`prepare`'s checks without making the pixels (what the scan runs): `BadSample` with the reason, or None.
+        The image-token count comes from the tile grid alone (`tile_grid`, which `preprocess` uses too)."""
+        text, image = self.checked_text(sample), self.opened_image(sample)
+        self.checked_encoding(text, tile_grid(image, self.mode))
+
+    def checked_text(self, sample: dict[str, Any]) -> str:
         if sample.get("error"):
             raise BadSample(sample["error"])
         text = sample.get("text")
@@ -111,15 +123,24 @@ class OCRCollator:
             text = ""
         if not isinstance(text, str) or (not text.strip() and not self.inference):
             raise BadSample(f"empty or whitespace-only text: {text!r}")
+        return text
+
+    def opened_image(self, sample: dict[str, Any]) -> Any:
         try:
-            view = preprocess(load_image(sample["image"]), self.mode)
+            return load_image(sample["image"])
         except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for unreadable data
             raise BadSample(f"unreadable image: {error}") from error
-        enc = self.encode(text, view[2])
+
+    def checked_encoding(self, text: str, grid: tuple[int, int]) -> Encoded:
+        enc = self.encode(text, grid)
         total = len(enc.prompt) + len(enc.response)
         if self.max_length is not None and total > self.max_length:
             raise BadSample(f"{total} tokens exceed max_length {self.max_length}")
-        return view, enc
+        return enc
+
+    def report(self, sample: dict[str, Any], position: int, reason: BadSample) -> tuple[str, Any, str, str]:
+        """(split, index, path, reason) of a rejected sample."""
+        return self.split, sample.get("index", position), str(sample.get("path", "")), str(reason)
 
     def labels_for(self, enc: Encoded) -> list[int]:
         """Response-only labels, or everything but the image positions."""
@@ -136,9 +157,12 @@ class OCRCollator:
                 prepared.append(self.prepare(sample))
                 good.append(sample)
             except BadSample as reason:
-                where = (self.split, sample.get("index", position), str(sample.get("path", "")), str(reason))
+                where = self.report(sample, position, reason)
                 if self.policy == "error":
-                    raise BadSampleError("bad sample in split {!r} at index {} ({}): {}".format(*where)) from None
+                    raise BadSampleError(
+                        "bad sample in split {!r} at index {} ({}): {}".format(*where) + ": fix or remove it, or set "
+                        "data.bad_sample_policy skip; data.scan true lists every unusable sample before the model loads"
+                    ) from None
                 skipped.append(where)
         return good, prepared, skipped
 

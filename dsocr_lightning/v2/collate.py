@@ -70,6 +70,10 @@ class ProcessorCollator(OCRCollator):
             raise BadSample(f"{total} tokens exceed max_length {self.max_length}")
         return (pixels, local), enc
 
+    def inspect(self, sample: dict[str, Any]) -> None:
+        """The scan's check: the whole of `prepare` (the processor alone knows the image-token count)."""
+        self.prepare(sample)
+
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         good, prepared, skipped = self.triage(samples)
         batch: dict[str, Any] = {"texts": [s["text"] or "" for s in good], "skipped": skipped}
