@@ -208,9 +208,10 @@ def test_checkpoint_write_is_atomic_and_load_is_weights_only(tmp_path, monkeypat
 
 
 def test_adapter_write_is_atomic(tmp_path):
-    target = tmp_path / "lora_model"
+    target = tmp_path / "lora_model"  # an earlier adapter of this tool, which a new save replaces whole or not at all
     target.mkdir()
     (target / "adapter_model.safetensors").write_bytes(b"good")
+    write_manifest(target, "adapter")
 
     class Crashes:
         def save_pretrained(self, folder):
@@ -221,3 +222,4 @@ def test_adapter_write_is_atomic(tmp_path):
         save_adapter(Crashes(), Crashes(), target)
     assert (target / "adapter_model.safetensors").read_bytes() == b"good"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "cwd", target]  # no temporary folder left behind
+    assert (target / "adapter_model.safetensors").read_bytes() == b"good"
