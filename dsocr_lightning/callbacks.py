@@ -137,9 +137,12 @@ def counts_steps(trainer: L.Trainer) -> bool:
 class UnstartedRunCleanup(L.Callback):
     """A run that fails before its first optimizer step leaves no run folder behind: the one its logger made for it
     (a new `version_N`; the CLI adds this callback only then) holds nothing but the config and an events file. A
-    folder holding anything else is kept."""
+    folder holding anything else is kept; the logger's root goes too when this run made it and it is left empty."""
 
     MADE_AT_START = ("config.yaml", "hparams.yaml")
+
+    def __init__(self, new_root: Path | None = None) -> None:
+        self.new_root = new_root  # the logger's root folder, when it did not exist before this run
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         logger = trainer.logger
@@ -151,3 +154,5 @@ class UnstartedRunCleanup(L.Callback):
                                      for name in names):  # fmt: skip
             shutil.rmtree(folder)
             log.info("removed %s, the run folder of this failed start (it held nothing else)", folder)
+        if self.new_root is not None and self.new_root.is_dir() and not any(self.new_root.iterdir()):
+            self.new_root.rmdir()

@@ -109,7 +109,7 @@ class OCRLightningCLI(LightningCLI):
         if subcommand == "predict":
             kwargs["logger"], self.save_config_callback = False, None
         elif self.new_run_folder:
-            callbacks.append(UnstartedRunCleanup())
+            callbacks.append(UnstartedRunCleanup(None if self.log_folder.exists() else self.log_folder))
         if self.log_folder is None and self.save_config_callback is not None:
             self.save_config_callback = None  # it would write config.yaml into the working folder, over any there
             rank_zero_info("no logger folder: the run's config.yaml is not saved")
