@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .checkpoint_io import read_checkpoint
-from .checks import ConfigError, check_model_source, check_safetensors, read_json
+from .checks import ConfigError, check_model_source, check_safetensors, looks_like_path, read_json
 from .folders import check_replaceable, check_writable_location, replaced_folder, within
 from .versions import checkpoint_version
 
@@ -64,6 +64,10 @@ def export(
         overwrite: replace `out_dir` when it holds an earlier export of this tool, and nothing else.
     """
     source = AdapterSource.open(adapter, base_model)
+    if looks_like_path(source.base) and not Path(source.base).expanduser().is_dir():
+        given = "given" if base_model else f"recorded by {adapter!r}"
+        raise ConfigError(f"base model folder {source.base!r} ({given}) not found: pass --base_model, a folder or hub "
+                          "id of the model the adapter was trained on")  # fmt: skip
     check_model_source(source.base, revision)
     version = source.version(revision)
     check_export_target(Path(out_dir), overwrite, source)
@@ -224,9 +228,13 @@ def report_rounding(error: float, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentParser
 
     from .quiet import silence_known_noise
 
+    class ShortUsageParser(ArgumentParser):
+        def print_usage(self, file: Any = None) -> None:
+            """A wrong or missing argument: the error and the way to `--help` suffice (as for fit)."""
+
     silence_known_noise()
-    return CLI(export, args=argv, prog="python -m dsocr_lightning export")
+    return CLI(export, args=argv, prog="python -m dsocr_lightning export", parser_class=ShortUsageParser)

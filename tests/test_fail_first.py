@@ -168,6 +168,11 @@ def test_usage_names_the_command_and_export(tmp_path):
     assert "export" in done.stdout and "python -m dsocr_lightning export --help" in done.stdout.replace("\n", " ")
     done = run_cli(["export", "--help"], tmp_path)
     assert done.stdout.startswith("usage: python -m dsocr_lightning export ") and "--overwrite" in done.stdout
+    done = run_cli(["export", "lora_model"], tmp_path)  # the error and the way to --help, not the usage
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "tip: For details of accepted options run: python -m dsocr_lightning export --help",
+        "error: the following arguments are required: out_dir",
+    ], done.output
 
 
 def test_ctrl_c_says_how_to_resume(standin_dir, lines_dir, tmp_path):

@@ -73,6 +73,8 @@ EXPORTS = {  # case: (export arguments, what its error line says)
     "from no adapter": (["lora_mode", "merged2"], r"'lora_mode' is neither an adapter folder"),
     "from a truncated adapter": (["{cut}", "merged2"], r"adapter_model.safetensors of adapter .* cannot be read"),
     "from a file that is no checkpoint": (["mine/results.csv", "merged2"], r"is no checkpoint that fit wrote"),
+    "onto a base that is not there": (["{run}/lora_model", "merged2", "--base_model", "gone"],
+                                      r"base model folder 'gone' \(given\) not found: pass --base_model"),
 }  # fmt: skip
 
 
