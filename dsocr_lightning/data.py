@@ -248,7 +248,8 @@ class OCRDataModule(L.LightningDataModule):
                 drops it and counts it (the `bad_samples` callback fails the run past its fraction).
             scan: before the model loads, decode and tokenise every sample of the splits the run uses and list every
                 unusable one at once (policy `error`: stop there; `skip`: warn). About 0.4 s per 1,000 Parsynth-sized
-                lines on one CPU core (v1; v2 runs its processor); false: a bad sample stops the run when reached.
+                lines on one CPU core (v2 with `max_length`: its processor runs, ~15 s); false: a bad sample stops the
+                run when it is reached.
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
             synthetic_kind: `words` (Persian words, joined, right to left) or `digits` (numbers of up to 8 Persian

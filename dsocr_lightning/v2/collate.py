@@ -71,8 +71,16 @@ class ProcessorCollator(OCRCollator):
         return (pixels, local), enc
 
     def inspect(self, sample: dict[str, Any]) -> None:
-        """The scan's check: the whole of `prepare` (the processor alone knows the image-token count)."""
-        self.prepare(sample)
+        """`prepare`'s checks for the scan: without `max_length` the text and the decoded image are all there is to
+        check (no pixels made); with it, the processor alone knows the prompt's length, and `prepare` runs whole."""
+        if self.max_length is not None:
+            self.prepare(sample)
+            return
+        checked_text(sample, self.inference)
+        try:
+            load_image(sample["image"])
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for unreadable data
+            raise BadSample(f"unreadable image: {error}") from error
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         good, prepared, skipped = self.triage(samples)

@@ -4,7 +4,7 @@ page, and the model accepts them (its own placeholder check)."""
 import pytest
 import torch
 
-from dsocr_lightning.collate import IGNORE_INDEX
+from dsocr_lightning.collate import IGNORE_INDEX, BadSample
 from dsocr_lightning.images import MODES
 from dsocr_lightning.v2.collate import ProcessorCollator
 
@@ -73,3 +73,22 @@ def test_bad_samples_follow_the_policy(processor, pages):
         ProcessorCollator(processor)(samples)
     batch = ProcessorCollator(processor, policy="skip")(samples)
     assert batch["texts"] == ["ok"] and len(batch["skipped"]) == 1
+
+
+def test_the_scan_makes_no_pixels_without_max_length(processor, pages, monkeypatch):
+    """Without max_length the scan checks text and image only (no processor call); with it, all of `prepare`."""
+    collator = ProcessorCollator(processor, mode=MODES["gundam"])
+    calls = []
+    monkeypatch.setattr(
+        ProcessorCollator, "encode_prompt", lambda self, image: calls.append(image) or ([0], None, None)
+    )
+    collator.inspect({"image": pages["wide"], "text": "x"})
+    with pytest.raises(BadSample, match="empty or whitespace-only text"):
+        collator.inspect({"image": pages["line"], "text": " "})
+    with pytest.raises(BadSample, match="unreadable image"):
+        collator.inspect({"image": pages["line"].crop((0, 0, 0, 0)), "text": "x"})
+    assert calls == []
+    monkeypatch.undo()
+    collator.max_length = len(collator.encode_prompt(pages["wide"])[0]) + 1
+    with pytest.raises(BadSample, match="tokens exceed max_length"):
+        collator.inspect({"image": pages["wide"], "text": "x y z"})
