@@ -210,6 +210,10 @@ def check_accelerator(trainer: Any) -> None:
         raise ConfigError(f"trainer.accelerator {accelerator}: this machine has no CUDA GPU (torch {torch.__version__})"
                           ": run on a GPU machine, or --trainer.accelerator cpu --trainer.precision 32-true (slow; "
                           "configs/demo.yaml is a CPU run)")  # fmt: skip
+    devices, available = str(trainer.get("devices", "auto")), torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and devices.isdigit() and int(devices) > available:
+        raise ConfigError(f"trainer.devices {devices}: this machine has {available} CUDA GPU(s): --trainer.devices "
+                          f"{available} (or fewer)")  # fmt: skip
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu)
     if on_cpu and precision in ("16", "16-mixed", "16-true"):
         raise ConfigError(f"trainer.precision {precision} needs a CUDA GPU: on the CPU use --trainer.precision "
