@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="also compiled vs eager decoder layers, bf16")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/fast_path_check.json"))
     args = parser.parse_args()
-    off = FastPaths(grouped_experts=False, batched_vision=False)
+    off = FastPaths(grouped_experts="loop", batched_vision=False)
     settings = LoadSettings(args.model_dir, "transformers", True, dtype="float32", fast=off)
     model, tokenizer, _ = load_model(settings, LoraSettings(), device=torch.device(DEVICE))
     random_lora_b(model)

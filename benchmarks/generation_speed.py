@@ -3,7 +3,7 @@ against plain `model.generate` of the model's own code, and `predict` end to end
 
 python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64] [--max-new-tokens 64] [--loop]
     [--paths graphs generate] [--long 1024] [--same-tokens 64] [--predict-lines 1000] [--adapter DIR]
-    [--json benchmarks/results/decode_speed.json]
+    [--dtype float16 --kernel triton] [--json benchmarks/results/decode_speed.json]
 
 MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py); LINES_DIR: an imagefolder of lines
 (its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
@@ -19,6 +19,9 @@ experts; `generate` with and without the flash attention kernel; graphs against 
 whole process (load included) and of its prediction loop (from the run's log). `--adapter DIR`: every model
 (and `predict`) with that trained adapter: with random weights near-tied greedy choices flip under bf16 rounding, and
 an adapter trained on the lines (the model then predicts with margins) tells decoding errors from those flips.
+`--dtype float16 --kernel triton`: as a T4 decodes (fp16 weights and autocast, the Triton expert kernels). Rows carry
+their precision and kernel; the JSON keeps the rows and checks of other precisions and kernels (checks of a
+non-bf16 run are stored with their precision and kernel in front: `float16/triton: same_tokens_fraction`).
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-i
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+KERNEL = "auto"  # --kernel: the grouped-expert kernel of the fast path (the loop where --loop or a reference)
+
+
 def load(model_dir: str, loop: bool, dtype: str = "auto", adapter: str | None = None) -> tuple:
     settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype, adapter_path=adapter,
-                            fast=FastPaths(grouped_experts=not loop))  # fmt: skip
+                            fast=FastPaths(grouped_experts="loop" if loop else KERNEL))  # fmt: skip
     model, tokenizer, backend = load_model(settings, LoraSettings())
     model = model.to(DEVICE).eval()
     set_inference(model, backend, True)
@@ -74,25 +80,32 @@ def batch_of(collate, samples, indices, dtype: torch.dtype | None = None) -> dic
 def timed_generate(model, tokenizer, batch: dict, new_tokens: int, path: str) -> tuple[float, torch.Tensor]:
     torch.cuda.synchronize() if CUDA else None
     start = time.perf_counter()
-    bf16 = CUDA and model.dtype == torch.bfloat16  # float32 weights (--same-tokens-fp32) decode in float32
-    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+    half = CUDA and model.dtype in (torch.bfloat16, torch.float16)  # float32 weights (--same-tokens-fp32): float32
+    with torch.autocast(DEVICE, dtype=model.dtype, enabled=half):
         new = generate_tokens(model, tokenizer, batch, GenerationSettings(new_tokens, decoding=path))
     torch.cuda.synchronize() if CUDA else None
     return time.perf_counter() - start, new
 
 
 def speed_row(model, tokenizer, lines: tuple, size: int, new_tokens: int, path: str, experts: str) -> dict:
-    batch = batch_of(*lines, range(size))
+    batch = batch_of(*lines, range(size), model.dtype if CUDA else None)
     timed_generate(model, tokenizer, batch, new_tokens, path)  # warm-up (and the graph's capture)
     torch.cuda.reset_peak_memory_stats() if CUDA else None
     seconds, new = timed_generate(model, tokenizer, batch, new_tokens, path)
     tokens = int((new != tokenizer.pad_token_id).sum())
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
     row = {"batch": size, "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-           "path": f"{path} ({experts})", "max_new_tokens": new_tokens, "peak_allocated_gib": peak}  # fmt: skip
+           "path": f"{path} ({experts})", "max_new_tokens": new_tokens, "peak_allocated_gib": peak,
+           "precision": str(model.dtype).removeprefix("torch."), "kernel": experts_kernel(model)}  # fmt: skip
     print(f"| {row['path']} | {size} | {new_tokens} | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} "
           f"| {peak or 0:.2f} |", flush=True)  # fmt: skip
     return row
+
+
+def experts_kernel(model) -> str:
+    from dsocr_lightning.fast.moe import grouped_kernel, moe_layers
+
+    return grouped_kernel(moe_layers(model)[0]) or "loop"
 
 
 def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list[dict]:
@@ -192,6 +205,31 @@ def predict_speed(args: argparse.Namespace) -> dict:
             "predict_waiting_for_images_s": float(loop[3]) if loop else None}  # fmt: skip
 
 
+class Saved:
+    """What the JSON already holds of other precisions and kernels: rows (theirs kept beside this run's) and checks
+    (this run's stored under "<precision>/<kernel>: " unless it is the bf16 default)."""
+
+    def __init__(self, path: Path, precision: str, kernel: str) -> None:
+        self.old = json.loads(path.read_text()) if path.exists() else {}
+        self.precision, self.kernel = precision, kernel
+
+    def merge(self, result: dict) -> dict:
+        mine = lambda row: (
+            (row.get("precision", "bfloat16"), row.get("kernel", "native")) == (self.precision, self.kernel)
+        )
+        if self.precision == "bfloat16":
+            return (
+                result
+                | {"rows": [r for r in self.old.get("rows", []) if not mine(r)] + result["rows"]}
+                | {k: v for k, v in self.old.items() if "/" in k}
+            )
+        prefix = f"{self.precision}/{self.kernel}: "
+        checks = {prefix + k: v for k, v in result.items() if k not in ("rows", "device", "commit")}
+        rows = [r for r in self.old.get("rows", []) if not mine(r)] + result["rows"]
+        stamp = {prefix + "device": result["device"], prefix + "commit": result["commit"]}
+        return self.old | checks | stamp | {"rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -206,19 +244,24 @@ def main() -> None:
     parser.add_argument("--same-tokens-fp32", action="store_true", help="the same-token check in float32 too")
     parser.add_argument("--predict-lines", type=int, default=0, help="images to run `predict` over (0: skip)")
     parser.add_argument("--adapter", help="a trained LoRA adapter folder (default: a fresh adapter, B = 0)")
+    parser.add_argument("--dtype", default="auto", help="the weights' dtype (float16: as on a T4)")
+    parser.add_argument("--kernel", default="auto", help="fast.grouped_experts of the fast path")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
     args = parser.parse_args()
+    global KERNEL
+    KERNEL = args.kernel
     lines = line_batches(args)
-    model, tokenizer = load(args.model_dir, args.loop, adapter=args.adapter)
+    model, tokenizer = load(args.model_dir, args.loop, dtype=args.dtype, adapter=args.adapter)
     print("| path | batch | max new tokens | new tokens | seconds | new tokens / s | peak allocated GiB |")
     print("|---|---|---|---|---|---|---|")
+    kept = Saved(args.json, str(model.dtype).removeprefix("torch."), experts_kernel(model))
     result = {
         "device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)",
         "commit": commit(),
         "adapter": args.adapter,
         "rows": speed_rows(model, tokenizer, lines, args),
     }
-    write_json(args.json, result)  # after each part: a later failure keeps what was measured
+    write_json(args.json, kept.merge(result))  # after each part: a later failure keeps what was measured
     if args.same_tokens:
         ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
         grouped = first_tokens(model, tokenizer, lines, args.same_tokens, "generate")
@@ -230,13 +273,13 @@ def main() -> None:
         result |= same_tokens(args, lines, ours, grouped)
         result["same_tokens_paths"] = f"{args.paths[0]} vs generate with transformers' expert loop"
         result["same_tokens_lines"] = args.same_tokens
-        write_json(args.json, result)
+        write_json(args.json, kept.merge(result))
         if args.same_tokens_fp32:
             result |= same_tokens_float32(args, lines)
-            write_json(args.json, result)
+            write_json(args.json, kept.merge(result))
     if args.predict_lines:
         result |= predict_speed(args)
-    write_json(args.json, result)
+    write_json(args.json, kept.merge(result))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

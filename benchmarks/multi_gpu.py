@@ -34,7 +34,7 @@ from common import ROOT, WARMUP, commit, scalars, write_json
 
 MICRO, ACCUMULATION, KILL_AT = 2, 4, 4
 STRATEGY = {"fast": "ddp", "loop": "ddp_find_unused_parameters_true"}
-LOOP = ["--model.fast.grouped_experts", "false", "--model.fast.batched_vision", "false"]
+LOOP = ["--model.fast.grouped_experts", "loop", "--model.fast.batched_vision", "false"]
 
 
 def common_flags(args: argparse.Namespace, devices: int, logs: Path) -> list[str]:

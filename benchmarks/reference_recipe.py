@@ -1,9 +1,10 @@
 """The reference notebook recipe for comparison: HF `Trainer` + Unsloth `FastVisionModel`, with the guide's
 arguments, on the same model folder and the same (unshuffled) batches as `python -m dsocr_lightning fit`.
 
-python benchmarks/reference_recipe.py MODEL_DIR DATA_DIR --steps 20 [--json row.json]
+python benchmarks/reference_recipe.py MODEL_DIR DATA_DIR --steps 20 [--fp16] [--json row.json]
 Prints the trainable count, the first three losses, median s/step, samples/s and peak memory; `--json` also writes
 them as one row of benchmarks/results/train_speed.json (HF Trainer defaults: train mode, max_grad_norm 1.0).
+`--fp16`: as the notebook runs on a T4 (no bf16 there): fp16 weights, HF Trainer's fp16 loss scaling.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="/tmp/reference_outputs")
     parser.add_argument("--json", default=None, help="write the result row here")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights and loss scaling, as on a T4")
     args = parser.parse_args()
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
 
     model, _ = FastVisionModel.from_pretrained(
         args.model_dir, load_in_4bit=False, auto_model=AutoModel, trust_remote_code=True,
-        unsloth_force_compile=True, use_gradient_checkpointing="unsloth",
+        unsloth_force_compile=True, use_gradient_checkpointing="unsloth", dtype=dtype,
     )  # fmt: skip
     model = FastVisionModel.get_peft_model(
         model, target_modules=TARGET_MODULES, r=16, lora_alpha=16, lora_dropout=0, bias="none",
@@ -72,28 +75,28 @@ def main() -> None:
     data.setup("fit")
     collate = data.collator(False)
 
-    def collate_bf16(samples):
+    def collate_half(samples):
         batch = {k: v for k, v in collate(samples).items() if k in MODEL_KEYS}
-        batch["images"] = [(c.to(torch.bfloat16), g.to(torch.bfloat16)) for c, g in batch["images"]]
+        batch["images"] = [(c.to(dtype), g.to(dtype)) for c, g in batch["images"]]
         return batch
 
     timer = Timer()
     trainer = InOrderTrainer(
         model=model,
-        data_collator=collate_bf16,
+        data_collator=collate_half,
         train_dataset=data.datasets["train"],
         callbacks=[timer],
         args=TrainingArguments(
             per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5, max_steps=args.steps,
             learning_rate=2e-4, logging_steps=1, optim="adamw_8bit", weight_decay=0.001,
-            lr_scheduler_type="linear", seed=3407, bf16=True, fp16=False, output_dir=args.out,
+            lr_scheduler_type="linear", seed=3407, bf16=not args.fp16, fp16=args.fp16, output_dir=args.out,
             report_to="none", dataloader_num_workers=2, remove_unused_columns=False, save_strategy="no",
         ),
     )  # fmt: skip
     trainer.train()
     steady = timer.times[2:]
     if args.json:
-        write_row(args.json, timer, steady)
+        write_row(args.json, timer, steady, args.fp16)
     print(f"trainable params: {trainable:,} of {total:,}")
     print(
         "| run | steps | first three losses | median s / step | median samples / s | peak allocated | peak reserved |"
@@ -106,10 +109,12 @@ def main() -> None:
     )
 
 
-def write_row(path: str, timer: Timer, steady: list[float]) -> None:
+def write_row(path: str, timer: Timer, steady: list[float], fp16: bool) -> None:
     step = statistics.median(steady)
+    precision = "fp16 (HF Trainer fp16=True)" if fp16 else "bf16 (HF Trainer bf16=True)"
     row = {
-        "run": "reference", "micro_batch": 2, "accumulation": 4, "precision": "bf16 (HF Trainer bf16=True)",
+        "run": "reference_fp16" if fp16 else "reference", "micro_batch": 2, "accumulation": 4, "precision": precision,
+        "kernel": "loop (Unsloth, transformers' per-expert loop)",
         "samples_per_s": 8 / step, "median_step_s": step, "first_step_s": timer.times[0],
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "gpu_busy": None, "losses": timer.losses,

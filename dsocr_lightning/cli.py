@@ -18,7 +18,7 @@ from .checks import (
     ConfigError,
     check_accelerator,
     check_adapter,
-    check_backend_devices,
+    check_backend,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
@@ -173,12 +173,12 @@ def preflight(subcommand: str, config: Any) -> None:
     check_ranges(config)
     if model_version(model) == "v1":  # v2 runs transformers' own code and checks its adapters itself
         check_trust(model["trust_remote_code"], model["model_name_or_path"])
+        check_backend(model, trainer)
         if model["adapter_path"]:
             check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"), subcommand)
     check_precision(trainer["precision"])
-    check_backend_devices(model["backend"], trainer)
     if subcommand == "fit":
         check_checkpointing(config["checkpoint"])
     check_outputs(subcommand, config, several_devices(*(trainer.get(key, default) for key, default in TRAINER_KEYS)))

@@ -16,7 +16,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checks import check_adapter, check_model_source, check_trust
-from .fast import FastPaths, apply_fast_paths, grouped_experts_apply
+from .fast import FastPaths, apply_fast_paths, expert_kernel
+from .fast.moe import is_picks
+from .preimport import choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +67,12 @@ def run_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_backend(backend: Backend, data_parallel: bool = False, fast: FastPaths | None = None,
-                    dtype: torch.dtype | None = None) -> str:  # fmt: skip
-    """auto = transformers + peft with grouped experts wherever they run natively (bf16 on Hopper and newer, or the
-    CPU): the fastest path measured (benchmarks/README.md); otherwise Unsloth when a CUDA GPU and Unsloth are both
-    there and the run is not data-parallel (a DDP strategy, even on one device); else transformers + peft (the backend
-    that runs data-parallel here)."""
-    if backend == "unsloth" and data_parallel:
-        raise ValueError("backend 'unsloth' runs on one GPU here; use backend 'transformers' (or auto) with DDP")
-    if backend == "unsloth" and not torch.cuda.is_available():
-        raise RuntimeError("backend 'unsloth' needs an NVIDIA GPU; use backend 'transformers' on this machine")
-    if backend == "unsloth" and not unsloth_available():
-        raise RuntimeError("backend 'unsloth' asked for but Unsloth is not installed: pip install -e '.[unsloth]'")
-    if backend != "auto":
-        return backend
-    dtype = dtype or resolve_dtype("auto")
-    single, grouped = not data_parallel, grouped_experts_apply(fast or FastPaths(), run_device(), dtype)
-    unsloth = single and not grouped and torch.cuda.is_available() and unsloth_available()
-    chosen = "unsloth" if unsloth else "transformers"
-    why = f"grouped experts={grouped}, cuda={torch.cuda.is_available()}, unsloth={unsloth_available()}, " \
-          f"data-parallel={data_parallel}"  # fmt: skip
-    rank_zero_info(f"backend auto -> {chosen} ({why})")
+def resolve_backend(settings: LoadSettings, data_parallel: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """preimport.choose_backend for these settings on `device` computing in `dtype` (logged)."""
+    kernel = expert_kernel(settings.fast, device, dtype).name
+    chosen, why = choose_backend(settings.backend, settings.load_in_4bit, data_parallel, kernel,
+                                 torch.cuda.is_available(), unsloth_available())  # fmt: skip
+    rank_zero_info(f"backend {settings.backend} -> {chosen} ({why})")
     return chosen
 
 
@@ -116,7 +103,8 @@ def load_model(
     check_model_source(settings.model_name_or_path, settings.revision)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     compute_dtype = compute_dtype or resolve_dtype(settings.dtype)
-    backend = resolve_backend(settings.backend, data_parallel, settings.fast, compute_dtype)
+    device = device or run_device()
+    backend = resolve_backend(settings, data_parallel, device, compute_dtype)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
@@ -132,11 +120,10 @@ def load_model(
             param.data = param.data.float()
     trainable, total = count_parameters(model)
     rank_zero_info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) [{backend}]")
-    device = device or run_device()
     if backend == "unsloth":  # its compiled decoder layers may not call the patched methods: leave them as built
         rank_zero_info("fast paths: not applied on the Unsloth backend (its compiled layers are left as it built them)")
     else:
-        apply_fast_paths(model, settings.fast, device, compute_dtype, data_parallel)
+        apply_fast_paths(model, settings.fast, device, compute_dtype)
     return model, tokenizer, backend
 
 
@@ -162,8 +149,9 @@ def load_adapter_weights(model: Any, adapter_path: str) -> None:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts. Frozen views of a trainable parameter (the per-expert LoRA weights of
-    grouped experts, fast/moe.py) are that parameter, counted once."""
-    params = list(model.parameters())
+    grouped experts, fast/moe.py) are that parameter, counted once; the grouped experts' records of picked experts
+    are not weights."""
+    params = [p for name, p in model.named_parameters() if not is_picks(name)]
     trainable = {p.untyped_storage().data_ptr() for p in params if p.requires_grad}
     views = sum(p.numel() for p in params if not p.requires_grad and p.untyped_storage().data_ptr() in trainable)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) - views
@@ -187,8 +175,6 @@ def load_with_transformers(settings: LoadSettings, lora: LoraSettings, dtype: to
     from peft import get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
-    if settings.load_in_4bit:
-        raise ValueError("load_in_4bit is supported on the Unsloth backend only")
     if lora.loftq_config is not None:
         raise ValueError("loftq_config is supported on the Unsloth backend only")
     common = {"trust_remote_code": True, "revision": settings.revision}

@@ -31,6 +31,7 @@ from .generation import GenerationSettings, generate_texts
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
+from .trainables import active_experts, check_loadable, reference_layout, reference_state_dict, zero_picks
 from .versions import load_model, write_standin
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need
+        zero_picks(self)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
@@ -254,6 +256,7 @@ class DeepSeekOCRModule(L.LightningModule):
         if self.train_loss.update_count:  # equal on every rank: all compute (gather) together
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
             self.log("train/nonfinite_skipped", self.nonfinite_skips.compute(), on_step=True)
+        active_experts(self, getattr(optimizer, "_optimizer", optimizer))
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self.log("train/grad_norm", gradient_norm(optimizer), on_step=True)  # before clipping, as HF logs it
         self.train_loss.reset()
@@ -262,9 +265,9 @@ class DeepSeekOCRModule(L.LightningModule):
             report_layer_graphs()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay)
+        _, layout, params = reference_layout(self)  # its state_dict names the reference's per-expert tensors
+        optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay, layout=layout)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = linear_warmup_decay(optimizer, hp.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -333,13 +336,20 @@ class DeepSeekOCRModule(L.LightningModule):
 
     # ---- checkpoints and the adapter -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trainable (LoRA) weights: the 3.4B frozen base stays in the model folder."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Keep only the trainable (LoRA) weights, in the reference's per-expert names whatever kernel ran: the 3.4B
+        frozen base stays in the model folder."""
+        names, _, _ = reference_layout(self)
+        checkpoint["state_dict"] = reference_state_dict(checkpoint["state_dict"], names)
         # plain types only, so that the checkpoint loads with torch.load(weights_only=True)
         checkpoint["hyper_parameters"] = {
             k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint.get("hyper_parameters", {}).items()
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every LoRA weight this model trains must be in the checkpoint, and nothing else (Lightning loads it with
+        strict=False, as the frozen base is not there): a mismatch stops with what differs."""
+        names, _, _ = reference_layout(self)
+        checkpoint["state_dict"] = check_loadable(checkpoint["state_dict"], names, "the checkpoint")
 
     def on_fit_end(self) -> None:
         """The adapter of the last step (`lora_model`) and, when validation ran, of the best checkpoint

@@ -1,14 +1,40 @@
-"""8-bit AdamW (bitsandbytes; it runs on CPU too) or torch AdamW, and the linear warmup/decay schedule."""
+"""8-bit AdamW (bitsandbytes; it runs on CPU too) or torch AdamW, and the linear warmup/decay schedule.
+
+The grouped experts (fast/moe.py) train each MoE projection's LoRA as one stacked tensor [E, ...] where the reference
+(transformers' per-expert loop + peft) trains E tensors. Both optimizers here update a stacked tensor exactly as the
+reference updates its E tensors: bitsandbytes' per-tensor rules (32-bit state under `min_8bit_size` elements, 8-bit
+blocks of 256 that never straddle two tensors) apply per expert, and an expert that no token picked in a step (its
+LoRA B gradient all zeros: no gradient at all in the reference) is not updated and keeps its own step count. Where
+every expert is alike (the common case) the stack is one call. Their `state_dict` is in the reference's layout (one
+entry per expert tensor, in its order: `ReferenceLayout`), so a checkpoint resumes whichever kernel runs.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from torch.optim.adam import adam as adam_update
 from torch.optim.lr_scheduler import LambdaLR
 
 OptimizerName = Literal["adamw8bit", "adamw"]
+BLOCK = 256  # bitsandbytes' quantisation block of 8-bit optimizer state
+
+
+@dataclass
+class ReferenceLayout:
+    """Where each optimizer tensor sits among the reference's: tensor i covers reference slots `slots[i]` (one, or one
+    per expert of a stacked tensor, in expert order); `size` reference tensors in all."""
+
+    slots: list[list[int]]
+    size: int
+
+    @classmethod
+    def identity(cls, count: int) -> ReferenceLayout:
+        return cls([[i] for i in range(count)], count)
 
 
 def build_optimizer(
@@ -18,14 +44,15 @@ def build_optimizer(
     weight_decay: float = 0.001,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    layout: ReferenceLayout | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over `params`, weight decay on all of them (LoRA has no biases or norms)."""
+    """AdamW over `params`, weight decay on all of them (LoRA has no biases or norms); `layout` says which of them
+    stack several of the reference's tensors (none by default)."""
     params = list(params)
+    layout = layout or ReferenceLayout.identity(len(params))
     if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return stacked_adamw8bit()(params, layout, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return StackedAdamW(params, layout, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
@@ -34,3 +61,223 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
     from transformers import get_linear_schedule_with_warmup
 
     return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+
+class Stacks:
+    """What both optimizers share: which parameters stack rows, which rows may step now, and the conversion of
+    their state to and from the reference's layout. Per-row state is split or joined by `split_row` /
+    `join_rows`, which each optimizer defines for its state."""
+
+    def setup_stacks(self, params: list[torch.nn.Parameter], layout: ReferenceLayout) -> None:
+        if len(layout.slots) != len(params):
+            raise ValueError(f"layout has {len(layout.slots)} entries for {len(params)} parameters")
+        self.layout = layout
+        self.rows = {p: len(slots) for p, slots in zip(params, layout.slots) if len(slots) > 1}
+        self.active: dict[torch.nn.Parameter, list[bool]] = {}  # stacked param -> rows that step now
+
+    def live_rows(self, p: torch.nn.Parameter) -> list[int]:
+        return [r for r, on in enumerate(self.active.get(p) or [True] * self.rows[p]) if on]
+
+    def to_reference(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """This optimizer's state_dict (one param group) in the reference's layout."""
+        (group,) = state_dict["param_groups"]
+        state = {}
+        for index, slots in enumerate(self.layout.slots):
+            entry = state_dict["state"].get(group["params"][index])
+            if entry is None:
+                continue
+            rows = [entry] if len(slots) == 1 else [self.split_row(entry, r, len(slots)) for r in range(len(slots))]
+            state.update({slot: row for slot, row in zip(slots, rows) if row is not None})
+        return {"state": state, "param_groups": [group | {"params": list(range(self.layout.size))}]}
+
+    def from_reference(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        (group,) = state_dict["param_groups"]
+        if len(group["params"]) != self.layout.size:
+            raise ValueError(
+                f"the checkpoint's optimizer holds {len(group['params'])} tensors where this model trains "
+                f"{self.layout.size} (the reference's per-expert count): a checkpoint of another LoRA setup"
+            )  # fmt: skip
+        saved = [state_dict["state"].get(slot) for slot in group["params"]]
+        state = {}
+        for index, (slots, param) in enumerate(zip(self.layout.slots, self.param_groups[0]["params"])):
+            rows = [saved[slot] for slot in slots]
+            entry = rows[0] if len(slots) == 1 else self.join_rows(rows, param)
+            if entry is not None:
+                state[index] = entry
+        return {"state": state, "param_groups": [group | {"params": list(range(len(self.layout.slots)))}]}
+
+
+class StackedAdamW(Stacks, torch.optim.AdamW):
+    """torch's AdamW (its functional update, its defaults) with stacked parameters updated row by row where rows
+    differ, as one tensor where they do not."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: ReferenceLayout, **kwargs: Any) -> None:
+        torch.optim.AdamW.__init__(self, params, **kwargs)
+        self.setup_stacks(params, layout)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lists: dict[str, list[torch.Tensor]] = {k: [] for k in ("params", "grads", "m", "v", "steps")}
+        group = self.param_groups[0]
+        for p in group["params"]:
+            if p.grad is not None:
+                self.add_rows(p, lists)
+        if lists["params"]:
+            beta1, beta2 = group["betas"]
+            adam_update(
+                lists["params"], lists["grads"], lists["m"], lists["v"], [], lists["steps"], foreach=group["foreach"],
+                decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            )  # fmt: skip
+        return loss
+
+    def add_rows(self, p: torch.nn.Parameter, lists: dict[str, list[torch.Tensor]]) -> None:
+        state = self.state[p]
+        if not state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            state["step"] = torch.zeros(self.rows.get(p, 1)) if p in self.rows else torch.tensor(0.0)
+        if p not in self.rows:
+            tensors = [(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])]
+        else:  # a 0-d view of the row's step: the update counts it in place
+            tensors = [(p[r], p.grad[r], state["exp_avg"][r], state["exp_avg_sq"][r], state["step"][r])
+                       for r in self.live_rows(p)]  # fmt: skip
+        for key, values in zip(("params", "grads", "m", "v", "steps"), zip(*tensors)):
+            lists[key].extend(values)
+
+    def split_row(self, entry: dict[str, Any], row: int, rows: int) -> dict[str, Any] | None:
+        if entry["step"][row] == 0:
+            return None  # this expert never stepped: the reference has no state for it
+        return {"step": entry["step"][row].clone(), "exp_avg": entry["exp_avg"][row].clone(),
+                "exp_avg_sq": entry["exp_avg_sq"][row].clone()}  # fmt: skip
+
+    def join_rows(self, rows: list[dict[str, Any] | None], param: torch.nn.Parameter) -> dict[str, Any] | None:
+        if all(row is None for row in rows):
+            return None
+        zeros = torch.zeros_like(param[0])
+        pick = lambda key: torch.stack([row[key].to(zeros) if row else zeros for row in rows])
+        steps = torch.stack([row["step"].float() if row else torch.tensor(0.0) for row in rows])
+        return {"step": steps, "exp_avg": pick("exp_avg"), "exp_avg_sq": pick("exp_avg_sq")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_reference(super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self.from_reference(state_dict))
+
+
+def stacked_adamw8bit() -> type:
+    """The class below, built on first use: bitsandbytes is imported only when its optimizer is asked for."""
+    global StackedAdamW8bit
+    if StackedAdamW8bit is None:
+        import bitsandbytes as bnb
+
+        StackedAdamW8bit = type("StackedAdamW8bit", (Stacks8bit, bnb.optim.AdamW8bit), {})
+    return StackedAdamW8bit
+
+
+StackedAdamW8bit: type | None = None
+
+
+class Stacks8bit(Stacks):
+    """bitsandbytes' AdamW8bit with stacked parameters: each row gets the state the reference's tensor would (32-bit
+    under `min_8bit_size` elements, else 8-bit with its own blocks) and its own step count. One call updates the
+    whole stack when every row steps now, at the same count, and the rows' blocks do not straddle (32-bit state, or
+    rows of a multiple of 256 elements: always at DeepSeek-OCR's sizes with an even LoRA rank)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: ReferenceLayout, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.setup_stacks(params, layout)
+
+    def row_bits(self, config: dict[str, Any], p: torch.Tensor) -> int:
+        return 8 if config["optim_bits"] == 8 and p[0].numel() >= config["min_8bit_size"] else 32
+
+    @torch.no_grad()
+    def init_state(self, group: dict, p: torch.nn.Parameter, gindex: int, pindex: int) -> None:
+        if p not in self.rows:
+            return super().init_state(group, p, gindex, pindex)
+        config = self.get_config(gindex, pindex, group)
+        if config["max_unorm"] > 0.0:
+            raise ValueError("max_unorm is not supported for stacked expert tensors")
+        state = self.state[p]
+        state["step"], state["row_steps"] = 0, [0] * self.rows[p]
+        dtype = torch.uint8 if self.row_bits(config, p) == 8 else torch.float32
+        state["state1"], state["state2"] = (torch.zeros_like(p, dtype=dtype) for _ in range(2))
+        if dtype == torch.uint8:
+            if "dynamic" not in self.name2qmap:
+                self.fill_qmap()
+            state["qmap1"] = self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
+            state["qmap2"] = self.name2qmap["udynamic"] = self.name2qmap["udynamic"].to(p.device)
+            blocks = self.rows[p] * math.ceil(p[0].numel() / BLOCK)
+            state["absmax1"], state["absmax2"] = (torch.zeros(blocks, device=p.device) for _ in range(2))
+
+    @torch.no_grad()
+    def update_step(self, group: dict, p: torch.nn.Parameter, gindex: int, pindex: int) -> None:
+        if p not in self.rows:
+            return super().update_step(group, p, gindex, pindex)
+        state, live = self.state[p], self.live_rows(p)
+        steps = state["row_steps"]
+        whole = state["state1"].dtype == torch.float32 or p[0].numel() % BLOCK == 0
+        if len(live) == len(steps) and len(set(steps)) == 1 and whole:
+            state["step"] = steps[0]  # bitsandbytes counts it up and updates the stack in one call
+            super().update_step(group, p, gindex, pindex)
+            state["row_steps"] = [state["step"]] * len(steps)
+            return
+        for row in live:
+            steps[row] += 1
+            self.update_row(self.get_config(gindex, pindex, group), p, row, steps[row])
+        state["step"] = max(steps)
+
+    def update_row(self, config: dict[str, Any], p: torch.nn.Parameter, row: int, step: int) -> None:
+        """bitsandbytes' update of one row, with the row's slices of the stack's state."""
+        from bitsandbytes import functional as F
+
+        state, (beta1, beta2) = self.state[p], config["betas"][:2]
+        grad, param, s1, s2 = p.grad[row], p.data[row], state["state1"][row], state["state2"][row]
+        if s1.dtype == torch.float32:
+            F.optimizer_update_32bit(self.optimizer_name, grad, param, s1, beta1, config["eps"], step, config["lr"],
+                                     s2, beta2, 0.0, 0.0, config["weight_decay"], 1.0, None, max_unorm=0.0,
+                                     skip_zeros=config["skip_zeros"])  # fmt: skip
+            return
+        blocks = slice(row * (n := math.ceil(param.numel() / BLOCK)), (row + 1) * n)
+        F.optimizer_update_8bit_blockwise(self.optimizer_name, grad, param, s1, s2, beta1, beta2, 0.0, 0.0,
+                                          config["eps"], step, config["lr"], state["qmap1"], state["qmap2"],
+                                          state["absmax1"][blocks], state["absmax2"][blocks], config["weight_decay"],
+                                          gnorm_scale=1.0, skip_zeros=config["skip_zeros"])  # fmt: skip
+
+    def split_row(self, entry: dict[str, Any], row: int, rows: int) -> dict[str, Any] | None:
+        quant = entry[self._FSDP_WRAPPED_QUANT_STATE_KEY]
+        if entry["row_steps"][row] == 0:
+            return None  # never stepped: the reference has no state for this expert
+        out = {"state1": quant["state1"][row].clone(), "state2": quant["state2"][row].clone()}
+        if "absmax1" in quant:
+            out |= {key: quant[key].view(rows, -1)[row].clone() for key in ("absmax1", "absmax2")}
+            out |= {key: quant[key] for key in ("qmap1", "qmap2")}
+        return {"step": entry["row_steps"][row], self._FSDP_WRAPPED_QUANT_STATE_KEY: out}
+
+    def join_rows(self, rows: list[dict[str, Any] | None], param: torch.nn.Parameter) -> dict[str, Any] | None:
+        given = [row for row in rows if row is not None]
+        if not given:
+            return None
+        quants = [row[self._FSDP_WRAPPED_QUANT_STATE_KEY] if row else None for row in rows]
+        first = next(q for q in quants if q is not None)
+
+        def stack(key: str) -> torch.Tensor:
+            zeros = torch.zeros_like(first[key])
+            return torch.stack([q[key] if q is not None else zeros for q in quants])
+
+        quant = {key: stack(key) for key in ("state1", "state2")}
+        if "absmax1" in first:
+            quant |= {key: stack(key).flatten() for key in ("absmax1", "absmax2")}
+            quant |= {key: first[key] for key in ("qmap1", "qmap2")}
+        steps = [row["step"] if row else 0 for row in rows]
+        return {"step": max(steps), "row_steps": steps, self._FSDP_WRAPPED_QUANT_STATE_KEY: quant}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_reference(super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
+        super().load_state_dict(self.from_reference(state_dict), move_to_device)

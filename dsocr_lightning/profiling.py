@@ -1,8 +1,9 @@
 """How busy the GPU is during one training micro-batch: torch.profiler around it, logged as `perf/*`.
 
 `--gpu_profile.batch N` profiles the N-th training micro-batch (forward + backward, and the optimizer step when it
-falls in it) and logs `perf/gpu_busy` (GPU kernel time / wall time), `perf/kernel_launches`, `perf/profiled_wall_s`
-and `perf/gpu_kernel_s`; off by default (profiling slows that one batch).
+falls in it) and logs `perf/gpu_busy` (GPU kernel time / wall time), `perf/kernel_launches`, `perf/profiled_wall_s`,
+`perf/gpu_kernel_s` and `perf/expert_kernel_s` (the experts' grouped matmuls alone, torch's or Triton's: kernels
+named "grouped"); off by default (profiling slows that one batch).
 """
 
 from __future__ import annotations
@@ -17,17 +18,27 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def kernel_time(events: Any) -> tuple[float, float, int]:
-    """(seconds the GPU ran at least one kernel, summed kernel seconds, number of kernels) among profiler events."""
+def gpu_kernels(events: Any) -> list[Any]:
+    """The kernels among profiler events (not the ranges drawn on the GPU row, which do no work)."""
     from torch.autograd import DeviceType
 
-    kernels = [
+    return [
         e
         for e in events
         if e.device_type == DeviceType.CUDA
         and not getattr(e, "is_user_annotation", False)
         and not e.name.startswith(("Optimizer.", "ProfilerStep"))
-    ]  # ranges drawn on the GPU row: no work
+    ]
+
+
+def expert_kernel_seconds(events: Any) -> float:
+    """Summed time of the experts' grouped matmul kernels (CUTLASS's and this project's Triton kernels)."""
+    return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(events) if "grouped" in e.name.lower()) / 1e6
+
+
+def kernel_time(events: Any) -> tuple[float, float, int]:
+    """(seconds the GPU ran at least one kernel, summed kernel seconds, number of kernels) among profiler events."""
+    kernels = gpu_kernels(events)
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, reach = 0.0, float("-inf")
     for start, end in spans:  # union of intervals: overlapping kernels count once
@@ -64,15 +75,17 @@ class GpuProfile(L.Callback):
         wall = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)
         seconds, summed, count = kernel_time(self.profiler.events())
+        experts = expert_kernel_seconds(self.profiler.events())
         averages = self.profiler.key_averages()
         self.profiler = None
         metrics = {"perf/gpu_busy": seconds / wall, "perf/kernel_launches": float(count),
-                   "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds}  # fmt: skip
-        log.info("profiled micro-batch %d: %.3f s wall, GPU busy %.3f s (%.0f%%; kernels summed %.3f s), %d kernels",
-                 self.batch, wall, seconds, 100 * seconds / wall, summed, count)  # fmt: skip
+                   "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds, "perf/expert_kernel_s": experts}  # fmt: skip
+        log.info("profiled micro-batch %d: %.3f s wall, GPU busy %.3f s (%.0f%%; kernels summed %.3f s, the experts' "
+                 "grouped matmuls %.3f s), %d kernels", self.batch, wall, seconds, 100 * seconds / wall, summed,
+                 experts, count)  # fmt: skip
         for key in ("self_cpu_time_total", "self_device_time_total"):
             log.info(
-                "top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=12, max_name_column_width=48)
+                "top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
             )
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

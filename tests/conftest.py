@@ -14,6 +14,8 @@ from dsocr_lightning.versions import INSTALL, environment_version
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors through Triton's interpreter (numpy)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # v1 and v2 need different transformers, so each environment runs its own tests: those under tests/v2/ carry the `v2`
 # marker, all others `v1` (they use v1's remote-code stand-in); the other version's are skipped with the reason.

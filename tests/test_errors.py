@@ -14,8 +14,8 @@ import torch
 from dsocr_lightning.checks import ConfigError, check_precision
 from dsocr_lightning.cli import main
 from dsocr_lightning.fast import FastPaths
-from dsocr_lightning.loading import resolve_backend
 from dsocr_lightning.module import DeepSeekOCRModule
+from dsocr_lightning.preimport import choose_backend
 
 ROOT = Path(__file__).parents[1]
 
@@ -71,13 +71,18 @@ CASES = {  # name: (flags, made from (tmp_path, standin_dir) or None, what the m
     "resume cadence on the best checkpoint": (["--checkpoint.every_n_train_steps", "2"],
                                               "use --last_checkpoint.every_n_train_steps"),
     "unsloth on several devices": (["--model.backend", "unsloth", "--trainer.devices", "2"],
-                                   "'unsloth' trains on one GPU only: .* --model.backend transformers"),
-    "unsloth on several nodes": (["--model.backend", "unsloth", "--trainer.num_nodes", "2"], "one GPU only"),
+                                   "Unsloth trains on one GPU here: for several use backend transformers"),
+    "unsloth on several nodes": (["--model.backend", "unsloth", "--trainer.num_nodes", "2"], "one GPU here"),
+    "4-bit weights on transformers": (["--model.backend", "transformers", "--model.load_in_4bit", "true"],
+                                      "load_in_4bit trains on the Unsloth backend only"),
+    "triton kernel without a GPU": (["--model.fast.grouped_experts", "triton"],
+                                    "fast.grouped_experts triton: (Triton kernels need an NVIDIA GPU|Triton is not)"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_config_errors_come_before_anything_loads(case, standin_dir, lines_dir, tmp_path, nothing_loads):
+def test_config_errors_come_before_anything_loads(case, standin_dir, lines_dir, tmp_path, nothing_loads, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user runs it: no interpreter for the Triton kernels
     flags, message = CASES[case]
     made = {"{tmp}": lambda: str(tmp_path), "{other}": lambda: other_model(tmp_path),
             "{bin}": lambda: bin_weights(tmp_path, standin_dir)}  # fmt: skip
@@ -126,23 +131,28 @@ def test_data_errors_found_on_reading_still_come_before_the_tokenizer(standin_di
                       "--data.source_type", "auto", "--data.train_split", "train[:1000]"))  # fmt: skip
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_unsloth_without_a_gpu():
-    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
-        resolve_backend("unsloth")
-    assert resolve_backend("auto") == "transformers"
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        choose_backend("unsloth", False, False, "native", cuda=False, unsloth=True)
+    assert choose_backend("auto", False, False, "native", cuda=False, unsloth=True)[0] == "transformers"
 
 
-def test_auto_never_picks_unsloth_for_several_devices(monkeypatch):
+def test_auto_never_picks_unsloth_for_several_devices():
     """Unsloth has no data-parallel path here (it fails in DDP's reducer, also under a DDP strategy on one GPU): auto
     takes transformers + peft under DDP even where Unsloth is there and would be chosen on one device."""
-    from dsocr_lightning import loading
+    assert choose_backend("auto", False, False, "loop", cuda=True, unsloth=True)[0] == "unsloth"
+    assert choose_backend("auto", False, True, "loop", cuda=True, unsloth=True)[0] == "transformers"
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(loading, "unsloth_available", lambda: True)
-    monkeypatch.setattr(loading, "grouped_experts_apply", lambda *args: False)
-    assert resolve_backend("auto", False, dtype=torch.bfloat16) == "unsloth"
-    assert resolve_backend("auto", True, dtype=torch.bfloat16) == "transformers"
+
+def test_4bit_weights_decide_the_backend():
+    """`auto` with load_in_4bit takes Unsloth (the backend that has it) where it can run; elsewhere it is refused
+    (the CLI's one-line errors: CASES)."""
+    assert choose_backend("auto", True, False, "native", cuda=True, unsloth=True) == (
+        "unsloth",
+        "load_in_4bit: 4-bit base weights train on Unsloth only",
+    )
+    with pytest.raises(ValueError, match="backend unsloth .*Unsloth is not installed"):
+        choose_backend("auto", True, False, "native", cuda=True, unsloth=False)
 
 
 def test_a_ddp_strategy_on_one_device_is_data_parallel(standin_dir, lines_dir):
@@ -161,7 +171,7 @@ def test_plain_ddp_with_the_per_expert_loop_says_which_strategy(standin_dir, lin
 
     from dsocr_lightning.module import check_data_parallel
 
-    cli = main(fit_args(standin_dir, lines_dir, "--model.fast.grouped_experts", "false")[1:], run=False)
+    cli = main(fit_args(standin_dir, lines_dir, "--model.fast.grouped_experts", "loop")[1:], run=False)
     cli.model.trainer = cli.trainer
     cli.model.configure_model()
     wrapper = DistributedDataParallel.__new__(DistributedDataParallel)

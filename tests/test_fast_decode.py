@@ -3,6 +3,7 @@ float32 on the CPU, on the stand-in with DeepSeek-OCR's routing (64 experts, 6 p
 and unmerged) and on the plain stand-in; with left padding, the n-gram block, rows that end early, and a decoder
 kept across batches. The CUDA graph replays the same step; tests/test_gpu.py checks it on a GPU."""
 
+import importlib.util
 import types
 
 import pytest
@@ -143,13 +144,18 @@ def test_transformers_expert_loop(real_routing_dir):
 
 
 def test_graphs_only_where_every_expert_matmul_can_be_captured(real_routing_dir, monkeypatch):
-    """A CUDA graph cannot hold transformers' expert loop, nor a grouped matmul that runs ATen's fallback (float32 or
-    fp16 weights, pre-Hopper GPUs: it reads the group sizes back to the CPU), so decoding picks the eager steps."""
+    """A CUDA graph cannot hold transformers' expert loop, nor torch's grouped matmul where it runs ATen's fallback
+    (float32 or fp16 weights, pre-Hopper GPUs: it reads the group sizes back to the CPU), so decoding picks the eager
+    steps there; the Triton kernels read nothing back, and are captured wherever they run."""
     from dsocr_lightning.fast import decode
 
     looped, _ = lora_model(real_routing_dir, grouped=False)
     assert "expert loop" in decode.graph_blocker(decode.decoder_parts(looped))
     grouped, _ = lora_model(real_routing_dir, grouped=True)  # float32 weights on the CPU: ATen's fallback
-    assert "no native kernel" in decode.graph_blocker(decode.decoder_parts(grouped))
-    monkeypatch.setattr(decode, "grouped_mm_kind", lambda device, dtype: "native")
+    assert "no fused kernel" in decode.graph_blocker(decode.decoder_parts(grouped))
+    monkeypatch.setattr(decode, "native_runs_fused", lambda device, dtype: True)
     assert decode.graph_blocker(decode.decoder_parts(grouped)) is None
+    if importlib.util.find_spec("triton") is not None:
+        triton, _ = lora_model(real_routing_dir, grouped="triton")
+        monkeypatch.setattr(decode, "native_runs_fused", lambda device, dtype: False)
+        assert decode.graph_blocker(decode.decoder_parts(triton)) is None

@@ -5,13 +5,15 @@ every LoRA parameter in float32, uneven routing included; adapters keep the PEFT
 MoE layers from, with the real routing (64 experts, top 6, 2 shared experts) at tiny widths.
 """
 
+import importlib.util
+
 import pytest
 import torch
 
 from dsocr_lightning.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.fast.grouped_mm import grouped_mm, grouped_mm_reference, route
-from dsocr_lightning.fast.moe import moe_layers
+from dsocr_lightning.fast.moe import grouped_kernel, moe_layers
 from dsocr_lightning.generation import GenerationSettings, generate_tokens
 from dsocr_lightning.images import MODES
 from dsocr_lightning.loading import LoadSettings, LoraSettings, count_parameters, load_model
@@ -19,6 +21,10 @@ from dsocr_lightning.module import MODEL_KEYS
 from dsocr_lightning.render import render_line
 
 REL = 1e-5
+# torch's grouped matmul and this project's Triton kernels (on the CPU: Triton's interpreter, tests/conftest.py, ~100x
+# slower than torch's per-group loop: one layer here, the model on the GPU, tests/test_triton_grouped.py)
+KERNELS = ["native", pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                                     reason="Triton is not installed"))]  # fmt: skip
 TEXTS = ["سلام دنیا", "کتاب ۱۲", "آب"]
 
 
@@ -28,8 +34,10 @@ def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, what: str = "") 
     assert diff <= REL * max(scale, 1e-12) or diff < 1e-12, f"{what}: |diff| {diff:.3g} vs |expected| {scale:.3g}"
 
 
-def lora_model(folder, grouped: bool, dropout: float = 0.0):
-    settings = LoadSettings(str(folder), "transformers", True, fast=FastPaths(grouped_experts=grouped))
+def lora_model(folder, grouped: bool | str, dropout: float = 0.0):
+    """The stand-in with LoRA; `grouped`: True (torch's kernel), False (the loop) or a kernel name."""
+    kernel = grouped if isinstance(grouped, str) else ("native" if grouped else "loop")
+    settings = LoadSettings(str(folder), "transformers", True, fast=FastPaths(grouped_experts=kernel))
     model, tokenizer, _ = load_model(settings, LoraSettings(dropout=dropout))
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -88,9 +96,10 @@ def test_route_sorts_assignments_by_expert():
     assert routing.tokens.tolist() == [0, 1, 2, 1, 0, 2]
 
 
-def test_layer_equals_the_loop_with_uneven_routing(real_routing_dir):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layer_equals_the_loop_with_uneven_routing(real_routing_dir, kernel):
     reference, _ = lora_model(real_routing_dir, grouped=False)
-    fast, _ = lora_model(real_routing_dir, grouped=True)
+    fast, _ = lora_model(real_routing_dir, grouped=kernel)
     (ref_layer,), (fast_layer,) = moe_layers(reference), moe_layers(fast)
     assert "moe" in vars(fast_layer) and "moe" not in vars(ref_layer)
     torch.manual_seed(1)
@@ -192,25 +201,39 @@ def test_lora_dropout_acts_on_the_grouped_path(real_routing_dir):
 
 
 @pytest.mark.parametrize(
-    ("capability", "dtype", "kind"),
-    [((9, 0), torch.bfloat16, "native"), ((9, 0), torch.float16, "slow"), ((7, 5), torch.float16, "slow")],
-)
-def test_grouped_experts_run_only_where_torch_has_a_native_kernel(monkeypatch, real_routing_dir, capability, dtype,
-                                                                  kind):  # fmt: skip
-    from dsocr_lightning.fast import apply_fast_paths, grouped_mm_kind
+    ("capability", "dtype", "kernel"),
+    [((9, 0), torch.bfloat16, "native"), ((9, 0), torch.float16, "triton"), ((8, 6), torch.bfloat16, "triton"),
+     ((7, 5), torch.float16, "triton"), ((7, 5), torch.bfloat16, "loop"), ((7, 0), torch.float16, "loop")],
+)  # fmt: skip
+def test_auto_picks_the_fused_kernel_each_gpu_has(monkeypatch, real_routing_dir, capability, dtype, kernel):
+    """`auto`: torch's kernel where it is one CUTLASS kernel (Hopper, bf16), the Triton kernels on every other NVIDIA
+    GPU from Turing on (bf16 from Ampere), else the loop, and then Unsloth as the backend."""
+    from dsocr_lightning.fast import apply_fast_paths, expert_kernel
     from dsocr_lightning.loading import resolve_backend
 
+    if importlib.util.find_spec("triton") is None and kernel == "triton":
+        kernel = "loop"  # no Triton in this environment: auto says so and runs the loop
     model, _ = lora_model(real_routing_dir, grouped=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("dsocr_lightning.loading.unsloth_available", lambda: True)
-    assert grouped_mm_kind(torch.device("cuda"), dtype) == kind
-    lines = apply_fast_paths(model, FastPaths(), torch.device("cuda"), dtype)
-    patched = any("moe" in vars(layer) for layer in moe_layers(model))
-    assert patched == (kind == "native"), lines
-    assert ("per-expert loop" in lines[0]) == (kind == "slow")
-    # backend auto: the grouped path where it runs natively, else Unsloth (the T4's fastest measured path)
-    assert resolve_backend("auto", False, FastPaths(), dtype) == ("transformers" if kind == "native" else "unsloth")
+    cuda = torch.device("cuda")
+    assert expert_kernel(FastPaths(), cuda, dtype).name == kernel
+    lines = apply_fast_paths(model, FastPaths(), cuda, dtype)
+    assert {grouped_kernel(layer) for layer in moe_layers(model)} == {None if kernel == "loop" else kernel}, lines
+    assert f"{kernel} kernel" in lines[0] or (kernel == "loop" and "per-expert loop" in lines[0])
+    settings = LoadSettings(str(real_routing_dir), "auto", True)
+    assert resolve_backend(settings, False, cuda, dtype) == ("unsloth" if kernel == "loop" else "transformers")
+
+
+def test_an_explicit_kernel_that_cannot_run_here_is_refused(monkeypatch):
+    from dsocr_lightning.fast import expert_kernel
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (tests run Triton's interpreter on the CPU)
+    with pytest.raises(ValueError, match="triton: .*(NVIDIA GPU|not installed)"):
+        expert_kernel(FastPaths(grouped_experts="triton"), torch.device("cpu"), torch.float32)
+    assert expert_kernel(FastPaths(grouped_experts="loop"), torch.device("cpu"), torch.float32).name == "loop"
+    assert expert_kernel(FastPaths(), torch.device("cpu"), torch.float32).name == "native"
 
 
 def test_checkpoint_weights_split_back_into_peft_names(real_routing_dir):

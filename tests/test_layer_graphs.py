@@ -94,24 +94,29 @@ def noise_batch(tokenizer, texts: list[str]) -> dict:
 
 
 @pytest.mark.gpu
-def test_layer_graphs_give_the_compiled_layers_losses_and_gradients(real_routing_dir):
-    """Four accumulated micro-batches of two lengths (warm-up, recording and replays of both): the graphed layers'
-    losses and gradients equal those of the same compiled layers without graphs (bf16 autocast, as training runs)."""
+@pytest.mark.parametrize(("kernel", "dtype"), [("native", torch.bfloat16), ("triton", torch.float16),
+                                               ("triton", torch.bfloat16)])  # fmt: skip
+def test_layer_graphs_give_the_compiled_layers_losses_and_gradients(real_routing_dir, kernel, dtype):
+    """Four accumulated micro-batches of two lengths (warm-up, recording and replays of both): the eager layers, the
+    compiled layers and the graphed layers give the same losses and gradients, with torch's grouped matmul in bf16
+    (Hopper) and the Triton kernels in fp16 (as a T4 trains) and bf16."""
     results = []
-    for graphs in (False, True):
+    for mode in ("eager", "compiled", "graphs"):
         torch._dynamo.reset()
-        model, tokenizer = lora_model(real_routing_dir, True)
+        model, tokenizer = lora_model(real_routing_dir, kernel)
         model = model.cuda()
-        compile_layers(model, graphs=graphs)
+        if mode != "eager":
+            compile_layers(model, graphs=mode == "graphs")
         stable_grads(p for p in model.parameters() if p.requires_grad)
         losses = []
         for texts in (["abc def", "xy"], ["a long line of text that needs another graph length", "z"]) * 2:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype):
                 loss = module_loss(model, tokenizer, noise_batch(tokenizer, texts), 32)
             loss.backward()
             losses.append(loss.item())
         results.append((losses, {k: v.float().cpu() for k, v in lora_grads(model).items()}))
-    (losses, grads), (graph_losses, graph_grads) = results
-    assert graph_losses == pytest.approx(losses, rel=1e-3)
-    for name, grad in grads.items():
-        assert (graph_grads[name] - grad).norm() <= 1e-2 * grad.norm() + 1e-8, name
+    (losses, grads), *others = results
+    for other_losses, other_grads in others:
+        assert other_losses == pytest.approx(losses, rel=1e-3)
+        for name, grad in grads.items():
+            assert (other_grads[name] - grad).norm() <= 2e-2 * grad.norm() + 1e-8, name

@@ -1,9 +1,11 @@
 """The optimizer and the linear warmup/decay schedule."""
 
+import copy
+
 import pytest
 import torch
 
-from dsocr_lightning.optim import build_optimizer, linear_warmup_decay
+from dsocr_lightning.optim import ReferenceLayout, build_optimizer, linear_warmup_decay
 
 
 def lrs_over(steps: int, warmup: int = 5, total: int = 60) -> list[float]:
@@ -30,7 +32,81 @@ def test_schedule_at_steps_0_5_60():
 def test_adamw8bit_steps_on_cpu():
     param = torch.nn.Parameter(torch.ones(64, 64))
     optimizer = build_optimizer([param], "adamw8bit", lr=1e-2, weight_decay=0.0)
-    assert type(optimizer).__name__ == "AdamW8bit"
+    assert isinstance(optimizer, __import__("bitsandbytes").optim.AdamW8bit)
     param.grad = torch.ones_like(param)
     optimizer.step()
     assert (param < 1).all()
+
+
+# A stacked tensor of E experts [E, *row] against the reference's E tensors: rows under bitsandbytes' 4,096-element
+# threshold (32-bit state), rows of whole 256-element blocks (8-bit, one call), rows that straddle blocks (8-bit, row
+# by row); in steps 2 and 3 an expert no token picked (no gradient in the reference) must not move.
+SHAPES = {"32-bit rows": (16, 12), "8-bit aligned rows": (16, 512), "8-bit straddling rows": (41, 100)}
+IDLE = {1: [], 2: [1], 3: [1, 3], 4: []}  # step -> experts without tokens
+
+
+def experts_pair(name: str, shape: tuple[int, int], rows: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(rows, *shape, generator=gen))
+    other = torch.nn.Parameter(torch.randn(7, generator=gen))  # a plain (not stacked) tensor beside it
+    reference = [torch.nn.Parameter(row.clone()) for row in stacked.detach()] + [torch.nn.Parameter(other.clone())]
+    layout = ReferenceLayout([list(range(rows)), [rows]], rows + 1)
+    fast = build_optimizer([stacked, other], name, lr=1e-2, weight_decay=0.01, layout=layout)
+    slow = build_optimizer(reference, name, lr=1e-2, weight_decay=0.01)
+    return (stacked, other, fast), (reference, slow)
+
+
+def step_both(fast_side, slow_side, step: int) -> None:
+    (stacked, other, fast), (reference, slow) = fast_side, slow_side
+    gen = torch.Generator().manual_seed(step)
+    grads = torch.randn(stacked.shape, generator=gen)
+    grads[IDLE[step]] = 0
+    stacked.grad, other.grad = grads.clone(), torch.randn(7, generator=gen)
+    for row, param in enumerate(reference[:-1]):
+        param.grad = None if row in IDLE[step] else grads[row].clone()
+    reference[-1].grad = other.grad.clone()
+    fast.active = {stacked: [row not in IDLE[step] for row in range(stacked.shape[0])]}
+    fast.step()
+    slow.step()
+
+
+def assert_same(fast_side, slow_side) -> None:
+    (stacked, other, _), (reference, _) = fast_side, slow_side
+    for row, param in enumerate(reference[:-1]):
+        torch.testing.assert_close(stacked[row], param, rtol=0, atol=1e-7)
+    torch.testing.assert_close(other, reference[-1], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_a_stacked_tensor_steps_as_the_references_tensors(name, shape):
+    fast_side, slow_side = experts_pair(name, shape)
+    for step in IDLE:
+        step_both(fast_side, slow_side, step)
+        assert_same(fast_side, slow_side)
+    start = experts_pair(name, shape)[0][0]
+    assert (fast_side[0] - start).abs().amin(dim=tuple(range(1, start.dim()))).gt(0).all()  # every expert moved
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_optimizer_state_travels_between_stacked_and_per_expert(name, shape):
+    """The stacked optimizer's state_dict is the reference's: each side resumes from the other's and both go on
+    as one run would."""
+    fast_side, slow_side = experts_pair(name, shape)
+    for step in (1, 2):
+        step_both(fast_side, slow_side, step)
+    fresh_fast, fresh_slow = experts_pair(name, shape)
+    for (params, optimizer), (source_params, source) in [
+        ((fresh_fast[:2], fresh_fast[2]), (fast_side[:2], slow_side[1])),
+        ((fresh_slow[0], fresh_slow[1]), (slow_side[0], fast_side[2])),
+    ]:
+        with torch.no_grad():
+            for param, value in zip(params, source_params):
+                param.copy_(value)
+        optimizer.load_state_dict(copy.deepcopy(source.state_dict()))  # fast from slow, slow from fast (as saved)
+    for step in (3, 4):
+        step_both(fast_side, slow_side, step)
+        step_both(fresh_fast, fresh_slow, step)
+    assert_same(fresh_fast, slow_side)
+    assert_same(fast_side, fresh_slow)

@@ -1,8 +1,9 @@
 """The backend is read off the command line before lightning (and so transformers) is imported."""
 
+import importlib.util
 from pathlib import Path
 
-from dsocr_lightning.preimport import requested, runs_on_several_devices
+from dsocr_lightning.preimport import backend_from_argv, requested, runs_on_several_devices
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -27,7 +28,22 @@ def test_several_devices():
 
 
 def test_nested_keys_and_the_fast_path_choice():
-    assert requested(["fit", "--config", str(CONFIGS / "h100.yaml")], "model", "fast.grouped_experts", None) is True
-    argv = ["fit", "--config", str(CONFIGS / "h100.yaml"), "--model.fast.grouped_experts", "false"]
-    assert requested(argv, "model", "fast.grouped_experts", None) == "false"
-    assert requested(["fit"], "model", "fast.grouped_experts", True) is True
+    assert requested(["fit", "--config", str(CONFIGS / "h100.yaml")], "model", "fast.grouped_experts", None) == "auto"
+    argv = ["fit", "--config", str(CONFIGS / "h100.yaml"), "--model.fast.grouped_experts", "loop"]
+    assert requested(argv, "model", "fast.grouped_experts", None) == "loop"
+    assert requested(["fit"], "model", "fast.grouped_experts", "auto") == "auto"
+
+
+def test_the_import_order_follows_the_backend_rule(monkeypatch):
+    """Unsloth is imported first exactly where loading's rule will pick it: T4-class GPUs with the Triton kernels
+    take transformers; 4-bit weights take Unsloth; the loop (no fused kernel) takes Unsloth."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    t4 = ["fit", "--config", str(CONFIGS / "t4.yaml")]
+    kernel = "transformers" if importlib.util.find_spec("triton") else "unsloth"
+    assert backend_from_argv(t4) == kernel
+    assert backend_from_argv([*t4, "--model.load_in_4bit", "true"]) == "unsloth"
+    assert backend_from_argv([*t4, "--model.fast.grouped_experts", "loop"]) == "unsloth"
+    assert backend_from_argv([*t4, "--trainer.devices", "2"]) == "transformers"

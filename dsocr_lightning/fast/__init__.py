@@ -1,6 +1,7 @@
 """Fast paths patched onto the loaded model (the public model code stays as it is).
 
-- `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding);
+- `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding), on
+  torch's `_grouped_mm` or the Triton kernels of `triton_grouped.py` (`choose_kernel`: once per run, logged);
 - `vision.py`: the remote code's vision towers run batched;
 - `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards;
 - `layer_graphs.py`: ... replayed as CUDA graphs where gradient checkpointing is off;
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .compiled_layers import compile_blocker, compile_layers
-from .grouped_mm import grouped_mm_kind
+from .grouped_mm import GroupedKernel, KernelChoice, choose_kernel
 from .layer_graphs import layer_graph_blocker
 from .moe import patch_grouped_experts
 from .vision import patch_batched_vision
@@ -29,10 +30,13 @@ log = logging.getLogger(__name__)
 class FastPaths:
     """Which fast paths to patch onto the model after loading (both off = the original model code)."""
 
-    grouped_experts: bool = True  # MoE experts as grouped matmuls (torch._grouped_mm), LoRA included
+    # MoE experts as grouped matmuls, LoRA included: `native` (torch._grouped_mm: one kernel on Hopper in bf16),
+    # `triton` (this project's kernels: NVIDIA GPUs from Turing on, fp16 and bf16), `loop` (transformers' per-expert
+    # loop), `auto` (native where it is one kernel, else triton, else the loop; logged)
+    grouped_experts: GroupedKernel = "auto"
     batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
     vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
-    # decoder layers compiled (torch.compile, inductor) for training forwards, on one GPU in bf16 with grouped experts
+    # decoder layers compiled (torch.compile, inductor) for training forwards, on one GPU with grouped experts
     # (elsewhere the log says why not): 1.2-1.6x the steps per second of the eager layers (benchmarks/README.md)
     compile_layers: bool = True
     # ... and replayed as CUDA graphs (forward and backward) where gradient checkpointing is off: a few CPU calls a
@@ -45,44 +49,35 @@ class FastPaths:
     experts_implementation: str | None = None
 
 
-def grouped_experts_apply(paths: FastPaths, device: torch.device, dtype: torch.dtype) -> bool:
-    """Will the grouped experts be patched for a model computing in `dtype` on `device`?"""
-    return paths.grouped_experts and hasattr(torch, "_grouped_mm") and grouped_mm_kind(device, dtype) != "slow"
+def expert_kernel(paths: FastPaths, device: torch.device, dtype: torch.dtype) -> KernelChoice:
+    """The grouped matmul the experts of a model computing in `dtype` on `device` will run (ValueError for an explicit
+    choice that cannot run there)."""
+    return choose_kernel(paths.grouped_experts, device, dtype)
 
 
-def grouped_experts_line(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> str:
-    if not paths.grouped_experts:
-        return "grouped experts: off (transformers' per-expert loop)"
-    if not hasattr(torch, "_grouped_mm"):
-        return f"grouped experts: not in torch {torch.__version__} (needs >= 2.9): transformers' per-expert loop"
-    kind = grouped_mm_kind(device, dtype)
-    if kind == "slow":
-        return (f"grouped experts: not used on {device} in {str(dtype).removeprefix('torch.')} (no native grouped "
-                "matmul kernel; ATen's fallback is slower than the loop): transformers' per-expert loop")  # fmt: skip
-    count = patch_grouped_experts(model)
-    return f"grouped experts: {count} MoE layers, torch._grouped_mm ({kind})"
+def grouped_experts_line(model: nn.Module, choice: KernelChoice) -> str:
+    if choice.name == "loop":
+        return f"grouped experts: off, transformers' per-expert loop ({choice.why})"
+    count = patch_grouped_experts(model, choice.name)
+    return f"grouped experts: {count} MoE layers, {choice.name} kernel ({choice.why})"
 
 
-def apply_fast_paths(
-    model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype, data_parallel: bool = False
-) -> list[str]:
+def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Patch `model`; returns (and logs) one line per path saying what runs."""
-    lines = [grouped_experts_line(model, paths, device, dtype)]
+    lines = [grouped_experts_line(model, expert_kernel(paths, device, dtype))]
     if paths.batched_vision:
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
-    lines.append(compiled_layers_line(model, paths, device, dtype, data_parallel))
+    lines.append(compiled_layers_line(model, paths, device, dtype))
     for line in lines:
         log.info("fast path: %s", line)
     return lines
 
 
-def compiled_layers_line(
-    model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype, data_parallel: bool = False
-) -> str:
+def compiled_layers_line(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> str:
     if not paths.compile_layers:
         return "compiled decoder layers: off (fast.compile_layers false; eager layers)"
-    blocker = compile_blocker(model, device, dtype, data_parallel)
+    blocker = compile_blocker(model, device, dtype)
     if blocker:
         return f"compiled decoder layers: off ({blocker}; eager layers)"
     graph_blocked = layer_graph_blocker(model) if paths.layer_graphs else "fast.layer_graphs false"

@@ -23,14 +23,12 @@ import torch
 from torch import nn
 
 from .layout import decoder_layers
-from .moe import ensure_bound, is_moe_layer, moe_blocks, runs_grouped
+from .moe import ensure_bound, grouped_kernel, is_moe_layer, moe_blocks, runs_grouped
 
 log = logging.getLogger(__name__)
 
 
-def compile_blocker(
-    model: nn.Module, device: torch.device, dtype: torch.dtype, data_parallel: bool = False
-) -> str | None:
+def compile_blocker(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the decoder layers of `model`, computing in `dtype` on `device`, should not be compiled, or None."""
     layers = decoder_layers(model)
     if not layers:
@@ -38,12 +36,10 @@ def compile_blocker(
     moe = moe_blocks(layers)
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop has data-dependent shapes: a graph break at every expert"
-    if moe and dtype != torch.bfloat16:
-        return f"torch.compile's grouped matmul takes bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if any(grouped_kernel(mlp) == "native" for mlp in moe) and dtype != torch.bfloat16:
+        return f"torch.compile's _grouped_mm takes bfloat16, not {str(dtype).removeprefix('torch.')}"
     if device.type != "cuda":
         return f"compiled on a GPU only: on {device.type} inductor's build of the layers takes minutes"
-    if data_parallel:
-        return "not yet measured under data-parallel training"
     return None
 
 
@@ -62,6 +58,9 @@ def compile_layers(model: nn.Module, backend: str = "inductor", graphs: bool = F
     if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # raise, not a quiet switch to eager: see below
+        # under DDP, dynamo would split each layer's graph at gradient-bucket boundaries (its DDP optimizer, made for
+        # one graph of the whole model): a layer is already one region, whose backward hands DDP its gradients
+        torch._dynamo.config.optimize_ddp = False
     return len(layers)
 
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .grouped_mm import drop_cast_copies, grouped_mm_kind
+from .grouped_mm import drop_cast_copies, native_runs_fused
 from .layout import causal_lm
-from .moe import base_linear, moe_blocks, runs_grouped
+from .moe import base_linear, grouped_kernel, moe_blocks, runs_grouped
 
 if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
@@ -71,8 +71,10 @@ def graph_blocker(parts: DecoderParts) -> str | None:
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
     # an expert's own weight, not the stack: a device move reaches the stack only at the layer's next call
     weights = [base_linear(mlp.experts[0].gate_proj).weight for mlp in moe]
-    if any(grouped_mm_kind(w.device, w.dtype) != "native" for w in weights):
-        return "the grouped matmul has no native kernel for these weights (ATen's fallback reads group sizes back)"
+    if any(
+        grouped_kernel(mlp) == "native" and not native_runs_fused(w.device, w.dtype) for mlp, w in zip(moe, weights)
+    ):
+        return "torch._grouped_mm has no fused kernel for these weights (ATen's fallback reads group sizes back)"
     return None
 
 

@@ -8,7 +8,11 @@ Every function here has a plain per-expert reference below it that it must equal
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ class Routing:
     order: torch.Tensor  # [N] long: flat assignment index, expert-major
     offs: torch.Tensor  # [E] int32: cumulative assignment counts per expert
     tokens: torch.Tensor  # [N] long: the token each sorted assignment reads (order // K)
+    counts: torch.Tensor  # [E] long: assignments per expert
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
@@ -30,18 +35,72 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     # a scatter, not bincount: bincount on CUDA reads the largest id back (a sync, and no CUDA graph capture)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
-    return Routing(order, offs, order // topk_ids.shape[1])
+    return Routing(order, offs, order // topk_ids.shape[1], counts)
 
 
-def grouped_mm_kind(device: torch.device, dtype: torch.dtype) -> str:
-    """How torch runs `_grouped_mm` here: `native` (one CUTLASS kernel: Hopper or newer, bf16), `cpu` (ATen's
-    per-group loop, all dtypes: tests and CPU runs), or `slow` (ATen's per-group fallback on any other GPU or
-    dtype: at T4 settings (float16) on an H100 it ran 0.42 samples/s, slower than transformers' loop)."""
+GroupedKernel = Literal["auto", "native", "triton", "loop"]
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which grouped matmul the experts run (`native`: torch._grouped_mm, `triton`: fast/triton_grouped.py, `loop`:
+    transformers' per-expert loop) and why, decided once per run from the setting, device and compute dtype."""
+
+    name: str
+    why: str
+
+
+def native_runs_fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm is one CUTLASS kernel on Hopper or newer in bf16; elsewhere on a GPU ATen's fallback runs a
+    matmul per group after reading the group sizes back (a sync a call: slower than the loop, no CUDA graph)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16
+
+
+def triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run here, or None. On the CPU they run only under Triton's interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
     if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16:
-        return "native"
-    return "slow"
+        return None if os.environ.get("TRITON_INTERPRET") == "1" else "Triton kernels need an NVIDIA GPU"
+    if device.type != "cuda" or torch.version.hip:
+        return f"Triton kernels here are written for NVIDIA GPUs, not {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 5):
+        return f"compute capability {capability[0]}.{capability[1]} is below Turing's 7.5"
+    if dtype == torch.bfloat16 and capability < (8, 0):
+        return "bfloat16 needs Ampere (8.0) or newer"
+    return None
+
+
+def choose_kernel(setting: GroupedKernel, device: torch.device, dtype: torch.dtype) -> KernelChoice:
+    """`auto`: the native kernel where it is one fused kernel (and on the CPU, where ATen's per-group loop is what
+    tests and CPU runs use), else Triton on NVIDIA GPUs from Turing on, else the loop. An explicit choice that
+    cannot run here is refused (ValueError), never swapped for another."""
+    where = f"{device.type} {str(dtype).removeprefix('torch.')}"
+    if setting == "loop":
+        return KernelChoice("loop", "fast.grouped_experts loop")
+    if setting in ("auto", "native") and not hasattr(torch, "_grouped_mm"):
+        if setting == "native":
+            raise ValueError(f"fast.grouped_experts native: torch {torch.__version__} has no _grouped_mm (2.9+)")
+    elif setting == "native" or (setting == "auto" and (device.type == "cpu" or native_runs_fused(device, dtype))):
+        fused = native_runs_fused(device, dtype) or device.type == "cpu"
+        return KernelChoice("native", f"torch._grouped_mm on {where}" + ("" if fused else
+                            " (ATen's per-group fallback: slower than triton here)"))  # fmt: skip
+    blocked = triton_blocker(device, dtype)
+    if setting == "triton" and blocked:
+        raise ValueError(f"fast.grouped_experts triton: {blocked}")
+    if blocked:
+        return KernelChoice("loop", f"no fused grouped matmul on {where}: {blocked}")
+    return KernelChoice("triton", f"Triton grouped matmuls on {where}")
+
+
+def kernel_matmul(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The grouped matmul `x [N, in] sorted by expert, weight [E, out, in], offs -> [N, out]` of a kernel."""
+    if name == "triton":
+        from .triton_grouped import grouped_mm as triton_mm
+
+        return lambda x, weight, offs: triton_mm(x, weight, offs, True)
+    return grouped_mm
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -71,15 +130,17 @@ def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else fallback
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LoraStack | None) -> torch.Tensor:
-    """Base projection + LoRA for every expert at once, in the dtypes peft's Linear uses (never W + BA)."""
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LoraStack | None,
+                   mm: Callable = grouped_mm) -> torch.Tensor:  # fmt: skip
+    """Base projection + LoRA for every expert at once, in the dtypes peft's Linear uses (never W + BA); `mm` is the
+    run's grouped matmul (`kernel_matmul`)."""
     base_dtype = compute_dtype(x, weight.dtype)
-    out = grouped_mm(x.to(base_dtype), weight.to(base_dtype), offs)
+    out = mm(x.to(base_dtype), weight.to(base_dtype), offs)
     if lora is None:
         return out
     lora_dtype = compute_dtype(x, lora.a.dtype)  # peft multiplies in the adapter's dtype (float32) unless autocast
-    low = grouped_mm(lora.dropout(x.to(lora_dtype)), cast_weight(lora.a, lora_dtype), offs)  # [N, r]
-    return (out + grouped_mm(low, cast_weight(lora.b, lora_dtype), offs) * lora.scale).to(base_dtype)
+    low = mm(lora.dropout(x.to(lora_dtype)), cast_weight(lora.a, lora_dtype), offs)  # [N, r]
+    return (out + mm(low, cast_weight(lora.b, lora_dtype), offs) * lora.scale).to(base_dtype)
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

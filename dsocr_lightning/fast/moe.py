@@ -3,7 +3,8 @@
 transformers' `moe` loops over the 64 experts in Python: per layer ~64 x 9 small matmuls with LoRA (base, A, B for
 gate/up/down), a GPU->CPU sync per expert, and the same again in backward: a training micro-batch launched ~54,000
 kernels and kept an H100 busy 5 % of the time. Here each layer runs its experts as 3 x 3 grouped matmuls
-(`grouped_mm.py`) over tokens sorted by expert, training and decoding alike.
+(`grouped_mm.py`: torch's `_grouped_mm` or the Triton kernels of `triton_grouped.py`, chosen once per run) over tokens
+sorted by expert, training and decoding alike.
 
 Layout. Each projection's frozen base weights are stacked once into [E, out, in] and every expert's weight
 becomes a view of that stack; the LoRA A/B weights likewise become views of one trainable [E, r, in] / [E, out, r]
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .grouped_mm import LoraStack, combine, grouped_linear, route
+from .grouped_mm import LoraStack, combine, grouped_linear, kernel_matmul, route
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 STACKED_NAME = re.compile(r"^(?P<layer>.*)\.stacked_(?P<proj>gate_proj|up_proj|down_proj)_(?P<side>[AB])$")
+PICKS = "expert_picks"  # per MoE layer: a gradient-only record of the experts a step's tokens picked (RecordPicks)
 
 
 @dataclass
@@ -125,15 +127,35 @@ def lora_stack(stack: ProjectionStack) -> LoraStack | None:
     return LoraStack(stack.a, stack.b, float(first.scaling[stack.adapter]), dropout)
 
 
+class RecordPicks(torch.autograd.Function):
+    """The router weights unchanged; in backward, `picks` gets the rows each expert took, whatever the loss. Summed
+    over a step's micro-batches (and over ranks by DDP), `picks.grad` says which experts the step's tokens picked:
+    the reference's expert that no token picked has no gradient, and its optimizer skips it (optim.py)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, picks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(counts)
+        return weights.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (counts,) = ctx.saved_tensors
+        return grad, counts.to(torch.float32), None
+
+
 def grouped_moe(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor):
     """Drop-in for `DeepseekV2MoE.moe`: hidden [T, H], topk_ids / topk_weight [T, K] -> [T, H]."""
     # compiled code cannot read storage pointers: compiled layers check the binding before their call instead
     stacks = module._grouped_stacks if torch.compiler.is_compiling() else ensure_bound(module)
     routing = route(topk_ids, len(module.experts))
+    picks = getattr(module, PICKS, None)
+    if picks is not None and torch.is_grad_enabled():
+        topk_weight = RecordPicks.apply(topk_weight, picks, routing.counts)
     x = hidden[routing.tokens]  # [N, H], sorted by expert
-    gate, up = (grouped_linear(x, s.weight, routing.offs, lora_stack(s)) for s in stacks[:2])
+    mm = module._grouped_mm
+    gate, up = (grouped_linear(x, s.weight, routing.offs, lora_stack(s), mm) for s in stacks[:2])
     act = module.experts[0].act_fn(gate) * up  # [N, moe_intermediate]
-    down = grouped_linear(act, stacks[2].weight, routing.offs, lora_stack(stacks[2]))
+    down = grouped_linear(act, stacks[2].weight, routing.offs, lora_stack(stacks[2]), mm)
     return combine(down, routing, topk_weight).to(hidden.dtype)
 
 
@@ -175,15 +197,45 @@ def looped_expert_layers(model: nn.Module) -> int:
     )
 
 
-def patch_grouped_experts(model: nn.Module) -> int:
-    """Switch every MoE layer of `model` to grouped experts; returns how many were switched."""
+def patch_grouped_experts(model: nn.Module, kernel: str = "native") -> int:
+    """Switch every MoE layer of `model` to grouped experts on `kernel` (`native` or `triton`, grouped_mm.py's
+    choice); returns how many were switched."""
     layers = moe_layers(model)
     for layer in layers:
+        layer._grouped_mm, layer._grouped_kernel = kernel_matmul(kernel), kernel
         if runs_grouped(layer):
             continue  # already switched
         layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
         layer.moe = types.MethodType(grouped_moe, layer)
+        if any(stack.a is not None and stack.a.requires_grad for stack in layer._grouped_stacks):
+            device = layer._grouped_stacks[0].weight.device
+            layer.register_parameter(PICKS, nn.Parameter(torch.zeros(len(layer.experts), device=device)))
     return len(layers)
+
+
+def is_picks(name: str) -> bool:
+    """Is this parameter name a MoE layer's record of picked experts (trained by nobody, saved nowhere)?"""
+    return name == PICKS or name.endswith(f".{PICKS}")
+
+
+def grouped_kernel(layer: nn.Module) -> str | None:
+    """The grouped matmul a switched MoE layer runs (`native`, `triton`), None for transformers' loop."""
+    return getattr(layer, "_grouped_kernel", None) if runs_grouped(layer) else None
+
+
+def expert_lora_views(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """For each stacked LoRA parameter (its name in `model`), the per-expert peft parameters it serves, in expert
+    order: the tensors the reference trains, frozen views of the stack here."""
+    views = {}
+    for name, layer in model.named_modules():
+        if not runs_grouped(layer):
+            continue
+        for proj, stack in zip(PROJECTIONS, layer._grouped_stacks):
+            for index, side in enumerate("AB" if stack.adapter is not None else ""):
+                views[f"{name}.stacked_{proj}_{side}".lstrip(".")] = [
+                    lora_weights(linear, stack.adapter)[index] for linear in stack.linears
+                ]
+    return views
 
 
 def per_expert_state_dict(state: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:
