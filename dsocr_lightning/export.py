@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from .checkpoint_io import read_checkpoint
 from .checks import ConfigError, check_model_source, check_safetensors, looks_like_path, read_json
 from .folders import check_replaceable, check_writable_location, replaced_folder, within
-from .versions import checkpoint_version
+from .versions import adapter_version, checkpoint_version, require_environment
 
 # Above this rounding error of the adapter's update the merged model drifts from the adapter's output. Measured on
 # the real architecture (random weights, benchmarks/README.md): 17 % (bf16, a 60-step adapter) left the loss within
@@ -64,12 +64,8 @@ def export(
         overwrite: replace `out_dir` when it holds an earlier export of this tool, and nothing else.
     """
     source = AdapterSource.open(adapter, base_model)
-    if looks_like_path(source.base) and not Path(source.base).expanduser().is_dir():
-        given = "given" if base_model else f"recorded by {adapter!r}"
-        raise ConfigError(f"base model folder {source.base!r} ({given}) not found: pass --base_model, a folder or hub "
-                          "id of the model the adapter was trained on")  # fmt: skip
-    check_model_source(source.base, revision)
-    version = source.version(revision)
+    version = source.version(revision)  # first: the environment the adapter needs
+    source.check_ready(revision)
     check_export_target(Path(out_dir), overwrite, source)
     if version == "v2":  # transformers' own DeepSeek-OCR 2: no remote code
         if source.checkpoint is not None:
@@ -143,19 +139,34 @@ class AdapterSource:
             raise ConfigError(f"{adapter!r} is neither an adapter folder (with adapter_config.json, as lora_model "
                               "and lora_model_best) nor a fit checkpoint (.ckpt)")  # fmt: skip
         saved = read_json(path / "adapter_config.json", f"adapter {adapter!r}")
-        check_safetensors(path / "adapter_model.safetensors", f"adapter {adapter!r}")
-        base = base_model or saved.get("base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"adapter {adapter!r} does not name its base model: pass --base_model")
-        return cls(path, base, None)
+        return cls(path, base_model or saved.get("base_model_name_or_path") or "", None)
 
     def version(self, revision: str | None) -> str:
-        """v1 or v2, from the base's config.json, checked against this environment and the adapter's own targets."""
+        """v1 or v2, checked against this environment before any weights: an adapter folder's from its own config
+        (3-D expert targets are v2's, else its base's config decides), a fit checkpoint's from its base."""
         try:
-            adapter = str(self.path) if self.checkpoint is None else None
-            return checkpoint_version(self.base, revision, adapter)
+            if self.checkpoint is not None:
+                self.check_base(revision)
+                return checkpoint_version(self.base, revision)
+            version = adapter_version(str(self.path), revision)
+            require_environment(version, f"adapter {str(self.path)!r}")
+            return version
         except (OSError, ValueError, RuntimeError) as error:
             raise ConfigError(str(error)) from None
+
+    def check_ready(self, revision: str | None) -> None:
+        """The adapter's weights readable and its base there and complete, before anything loads."""
+        if self.checkpoint is None:
+            check_safetensors(self.path / "adapter_model.safetensors", f"adapter {str(self.path)!r}")
+        self.check_base(revision)
+
+    def check_base(self, revision: str | None) -> None:
+        if not self.base:
+            raise ConfigError(f"adapter {str(self.path)!r} does not name its base model: pass --base_model")
+        if looks_like_path(self.base) and not Path(self.base).expanduser().is_dir():
+            raise ConfigError(f"base model folder {self.base!r} not found: pass --base_model, a folder or hub id of the "
+                              "model the adapter was trained on")  # fmt: skip
+        check_model_source(self.base, revision)
 
     def load_base(self, revision: str | None) -> torch.nn.Module:
         """The base in the dtype it is stored in (16-bit for DeepSeek-OCR): no float32 copy of 3B weights."""

@@ -74,7 +74,7 @@ EXPORTS = {  # case: (export arguments, what its error line says)
     "from a truncated adapter": (["{cut}", "merged2"], r"adapter_model.safetensors of adapter .* cannot be read"),
     "from a file that is no checkpoint": (["mine/results.csv", "merged2"], r"is no checkpoint that fit wrote"),
     "onto a base that is not there": (["{run}/lora_model", "merged2", "--base_model", "gone"],
-                                      r"base model folder 'gone' \(given\) not found: pass --base_model"),
+                                      r"base model folder 'gone' not found: pass --base_model"),
 }  # fmt: skip
 
 
