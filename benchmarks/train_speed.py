@@ -33,6 +33,7 @@ NO_GRAPHS = ["--model.fast.layer_graphs", "false"]  # compiled layers without CU
 LOOP = ["--model.fast.grouped_experts", "loop", "--model.fast.batched_vision", "false"]
 TRITON = ["--model.fast.grouped_experts", "triton"]
 T4 = ["--model.dtype", "float16"]  # what `dtype: auto` gives on a T4 (no bf16 there)
+BF16 = ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"]
 # name: (config, extra flags, micro-batch, accumulation, precision). configs/h100.yaml turns checkpointing off;
 # GUIDE[:4] keeps it off, so that the compiled layers run as CUDA graphs
 RUNS = {
@@ -55,14 +56,8 @@ RUNS = {
     "t4_loop": ("t4", T4 + LOOP + ["--model.backend", "transformers"], 2, 4, "16-mixed"),
     "h100_triton": ("h100", TRITON, 8, 1, "bf16-mixed"),  # the Triton kernels against torch's at h100.yaml
     # configs/t4.yaml in bf16 (torch's kernel, then Triton's): what the T4 path costs beside precision and kernel
-    "t4_bf16": ("t4", ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"], 2, 4, "bf16-mixed"),
-    "t4_bf16_triton": (
-        "t4",
-        ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"] + TRITON,
-        2,
-        4,
-        "bf16-mixed",
-    ),  # fmt: skip
+    "t4_bf16": ("t4", BF16, 2, 4, "bf16-mixed"),
+    "t4_bf16_triton": ("t4", BF16 + TRITON, 2, 4, "bf16-mixed"),
 }
 KERNELS = {"t4_loop": "loop", "guide_loop": "loop"}  # every other run: triton where its name or T4 says so, else native
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from .checks import ConfigError
 from .images import MODES, Mode, load_image
 
 BadSamplePolicy = Literal["error", "skip"]
@@ -51,8 +52,8 @@ class Triage(NamedTuple):
     skipped: list[tuple[str, Any, str, str]]
 
 
-class BadSampleError(ValueError):
-    """A sample that cannot be trained on, named by split, index and path."""
+class BadSampleError(ConfigError):
+    """A sample that cannot be trained on, named by split, index and path (one `error:` line from the CLI)."""
 
 
 class BadSample(Exception):
@@ -139,22 +140,51 @@ class SampleCollator:
         """The family's pixel inputs of a batch (and any key its forward needs beyond the shared token tensors)."""
         raise NotImplementedError
 
+    def counted_prompt(self, image: Any) -> tuple[list[int], list[bool]] | None:
+        """Prompt ids and image positions without making the pixels (what the pre-scan checks), or None where only
+        the pixels tell the image-token count."""
+        return None
+
     # ---- shared ---------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prepare(self, sample: dict[str, Any]) -> tuple[Any, Encoded]:
         """Pixels and tokens of one sample, or `BadSample` with the reason."""
-        text = checked_text(sample, self.inference)
+        text, image = checked_text(sample, self.inference), self.opened_image(sample)
         try:
-            pixels, prompt, image_mask = self.encode_image(load_image(sample["image"]))
+            pixels, prompt, image_mask = self.encode_image(image)
         except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for unreadable data
             raise BadSample(f"unreadable image: {error}") from error
+        return pixels, self.checked_encoding(text, prompt, image_mask)
+
+    def inspect(self, sample: dict[str, Any]) -> None:
+        """`prepare`'s checks without making the pixels where the family counts image tokens without them (what the
+        pre-scan runs): `BadSample` with the reason, or None. Without `max_length` the text and the decoded image are
+        all there is to check."""
+        text, image = checked_text(sample, self.inference), self.opened_image(sample)
+        counted = self.counted_prompt(image)
+        if counted is not None:
+            self.checked_encoding(text, *counted)
+        elif self.max_length is not None:
+            self.prepare(sample)
+
+    def opened_image(self, sample: dict[str, Any]) -> Any:
+        try:
+            return load_image(sample["image"])
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for unreadable data
+            raise BadSample(f"unreadable image: {error}") from error
+
+    def checked_encoding(self, text: str, prompt: list[int], image_mask: list[bool]) -> Encoded:
         enc = Encoded(prompt, image_mask, self.encode_text(f"{text.strip()} {self.tokenizer.eos_token}"))
         total = len(enc.prompt) + len(enc.response)
         if self.max_length is not None and total > self.max_length:
             raise BadSample(f"{total} tokens exceed max_length {self.max_length}")
-        return pixels, enc
+        return enc
+
+    def report(self, sample: dict[str, Any], position: int, reason: BadSample) -> tuple[str, Any, str, str]:
+        """(split, index, path, reason) of a rejected sample."""
+        return self.split, sample.get("index", position), str(sample.get("path", "")), str(reason)
 
     def labels_for(self, enc: Encoded) -> list[int]:
         """Response-only labels, or everything but the image positions."""
@@ -171,14 +201,16 @@ class SampleCollator:
                 found.prepared.append(self.prepare(sample))
                 found.good.append(sample)
             except BadSample as reason:
-                where = (self.split, sample.get("index", position), str(sample.get("path", "")), str(reason))
-                found.skipped.append(where)
+                found.skipped.append(self.report(sample, position, reason))
         return found
 
     def enforce_policy(self, skipped: list[tuple[str, Any, str, str]]) -> None:
         """Policy `error`: the first rejected sample stops the run, named by split, index and path."""
         if skipped and self.policy == "error":
-            raise BadSampleError("bad sample in split {!r} at index {} ({}): {}".format(*skipped[0])) from None
+            raise BadSampleError(
+                "bad sample in split {!r} at index {} ({}): {}".format(*skipped[0]) + ": fix or remove it, or set "
+                "data.bad_sample_policy skip; data.scan true lists every unusable sample before the model loads"
+            ) from None
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         good, prepared, skipped = self.triage(samples)

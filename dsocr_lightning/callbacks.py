@@ -4,7 +4,9 @@ bar that counts what is left of the run."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -100,13 +102,57 @@ class BadSamples(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Lightning's bar, with the training total a run with `max_steps` really has left: Lightning compares the
-    remaining optimizer steps with micro-batches, so under gradient accumulation an epoch read `0/20`, then `21/?`."""
+    """Lightning's bar, counting what a run is counted in: the optimizer steps of `max_steps` (the demo reads 400/400,
+    not 800/800 micro-batches), from a resumed run's step on. A run counted in epochs keeps Lightning's count."""
 
-    @property
-    def total_train_batches(self) -> int | float:
-        trainer = self.trainer
-        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(trainer.num_training_batches, left)
-        return trainer.num_training_batches
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if counts_steps(trainer):
+            self.train_progress_bar.total = trainer.max_steps
+            self.train_progress_bar.set_description(f"Steps (epoch {trainer.current_epoch})")
+            self.show_step(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if not counts_steps(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.show_step(trainer):
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        return None
+
+    def show_step(self, trainer: L.Trainer) -> bool:
+        """The bar at the optimizer step done; True when it was redrawn."""
+        bar = self.train_progress_bar
+        if bar is None or bar.disable or not self._should_update(trainer.global_step, bar.total):
+            return False
+        bar.n = trainer.global_step
+        bar.refresh()
+        return True
+
+
+def counts_steps(trainer: L.Trainer) -> bool:
+    return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
+
+
+class UnstartedRunCleanup(L.Callback):
+    """A run that fails before its first optimizer step leaves no run folder behind: the one its logger made for it
+    (a new `version_N`; the CLI adds this callback only then) holds nothing but the config and an events file. A
+    folder holding anything else is kept; the logger's root goes too when this run made it and it is left empty."""
+
+    MADE_AT_START = ("config.yaml", "hparams.yaml")
+
+    def __init__(self, new_root: Path | None = None) -> None:
+        self.new_root = new_root  # the logger's root folder, when it did not exist before this run
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        logger = trainer.logger
+        if trainer.global_step or not trainer.is_global_zero or logger is None or logger.log_dir is None:
+            return
+        folder = Path(logger.log_dir)
+        names = [path.name for path in folder.iterdir()] if folder.is_dir() else None
+        if names is not None and all(name in self.MADE_AT_START or name.startswith("events.out.tfevents.")
+                                     for name in names):  # fmt: skip
+            shutil.rmtree(folder)
+            log.info("removed %s, the run folder of this failed start (it held nothing else)", folder)
+        if self.new_root is not None and self.new_root.is_dir() and not any(self.new_root.iterdir()):
+            self.new_root.rmdir()

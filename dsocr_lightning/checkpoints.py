@@ -9,12 +9,17 @@ after every validation of a fit, so `--ckpt_path last` loses at most N steps and
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+
+from .checkpoint_io import read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -64,6 +69,26 @@ class LastCheckpoint(ModelCheckpoint):
     def save(self, trainer: L.Trainer) -> None:
         self.pending = False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C: say what is kept and how to go on."""
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.is_global_zero:
+            log.warning(
+                resume_hint(trainer.global_step, Path(self.dirpath or "") / "last.ckpt", self._every_n_train_steps)
+            )
+
+
+def resume_hint(step: int, last: Path, every: int) -> str:
+    """What an interrupted fit keeps, and the command that continues it."""
+    if not last.is_file():
+        return (f"interrupted at step {step}, before the first resume checkpoint (every {every} steps): nothing to "
+                "resume, run the command again")  # fmt: skip
+    saved = read_checkpoint(last)["global_step"]
+    return (f"interrupted at step {step}; {last} holds step {saved}: to continue, run the same command with "
+            "--ckpt_path last")  # fmt: skip
 
 
 def validation_follows(trainer: L.Trainer) -> bool:

@@ -11,26 +11,37 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import BadSamples, SpeedMonitor, StepProgressBar
+from .callbacks import BadSamples, SpeedMonitor, StepProgressBar, UnstartedRunCleanup
 from .checkpoint_io import AtomicCheckpointIO
 from .checkpoints import LastCheckpoint
 from .checks import (
     ConfigError,
+    check_accelerator,
     check_adapter,
     check_backend,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
     check_precision,
+    check_ranges,
     check_trust,
 )
 from .data import OCRDataModule, check_data_settings
 from .module import DeepSeekOCRModule
+from .outputs import check_outputs, logger_folder
 from .predict import JsonlPredictionWriter
+from .preimport import TRAINER_KEYS, several_devices
 from .profiling import GpuProfile
 from .quiet import silence_known_noise
 from .report.callback import LineReport
+from .runs import RunRecord, announce, best_of, check_resumed_file, find_last, run_record
 from .summary import RunSummary
+
+PROG = "python -m dsocr_lightning"
+DESCRIPTION = (
+    "Fine-tune DeepSeek-OCR with LoRA: fit, validate, test and predict (below, each with --help), and export, which "
+    f"merges an adapter into its base ({PROG} export --help)."
+)
 
 TRAINER_DEFAULTS = {
     # the data module shards by rank itself (resumable, no duplicated evaluation samples)
@@ -78,40 +89,68 @@ class OCRLightningCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("model.revision", "data.revision")
 
+    def _parse_ckpt_path(self) -> None:
+        """Not Lightning's: given a checkpoint file, it replaces the config's model settings by the checkpoint's,
+        command-line flags included and silently, and not for `last` (a name, no file). Here every setting is the
+        command's, for a file and for `last` alike (`resolve_ckpt_path` compares them with the checkpoint's
+        record)."""
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Checkpoints are written atomically unless the config brings its own checkpoint plugin; the progress bar
-        counts the micro-batches a run has left (Lightning's counts optimizer steps against micro-batches)."""
+        counts optimizer steps; each checkpoint of `fit` records its run (`runs.RunRecord`); `predict` writes its
+        JSONL and nothing else (no run folder); a run that fails before its first step leaves no new run folder."""
+        subcommand = self.subcommand or "fit"
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
         if not trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
+            callbacks.append(StepProgressBar())
+        if subcommand == "fit":
+            callbacks.append(RunRecord(self.record))
+        if subcommand == "predict":
+            kwargs["logger"], self.save_config_callback = False, None
+        elif self.new_run_folder:
+            callbacks.append(UnstartedRunCleanup(None if self.log_folder.exists() else self.log_folder))
+        if self.log_folder is None and self.save_config_callback is not None:
+            self.save_config_callback = None  # it would write config.yaml into the working folder, over any there
+            rank_zero_info("no logger folder: the run's config.yaml is not saved")
+        kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         """Every setting and path that can be checked without loading anything is checked now."""
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
-        if config.get("ckpt_path") == "last":
-            resolve_last(config)
-        preflight(self.subcommand or "fit", config)
-
-
-def resolve_last(config: Any) -> None:
-    """`--ckpt_path last` means the newest run's last.ckpt, continued in that run's log folder."""
-    logger = config["trainer"]["logger"]
-    root = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["name"]
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        every = config["last_checkpoint"]["every_n_train_steps"]
-        raise ConfigError(
-            f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {root} yet (a run writes it every {every} "
-            "optimizer steps, --last_checkpoint.every_n_train_steps, and after each validation): start without "
-            "--ckpt_path, or give a checkpoint file"
+        subcommand = self.subcommand or "fit"
+        preflight(subcommand, config)
+        self.record = run_record(config, subcommand)
+        resolve_ckpt_path(subcommand, config, self.record)
+        self.log_folder = logger_folder(config["trainer"])  # None: no file logger, no run folder
+        self.new_run_folder = (
+            self.log_folder is not None and config["trainer"]["logger"]["init_args"].get("version") is None
         )
-    config["ckpt_path"] = str(found[-1])
-    logger["init_args"]["version"] = found[-1].parents[1].name
-    rank_zero_info(f"resuming from {found[-1]}")
+
+
+def resolve_ckpt_path(subcommand: str, config: Any, record: dict[str, Any]) -> None:
+    """`last`: the newest run whose record is this command's, continued (by `fit`) in its log folder; `best`: that
+    run's best checkpoint; a file: readable, and its LoRA weights of this command's model set-up."""
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or ckpt_path in ("hpc", "registry"):
+        return
+    if ckpt_path in ("last", "best"):
+        root = logger_folder(config["trainer"])
+        if root is None:
+            raise ConfigError(f"--ckpt_path {ckpt_path} looks for runs in the logger's folder and this config has none: "
+                              "give a checkpoint file")  # fmt: skip
+        last = find_last(root, record, config["last_checkpoint"]["every_n_train_steps"])
+        path = last if ckpt_path == "last" else best_of(last)
+        config["ckpt_path"] = str(path)
+        if subcommand == "fit":
+            config["trainer"]["logger"]["init_args"]["version"] = last.parents[1].name
+        rank_zero_info(f"--ckpt_path {ckpt_path}: {path}, of the newest run whose settings are this command's")
+    else:
+        check_resumed_file(ckpt_path, record)
+    announce(Path(config["ckpt_path"]), subcommand)
 
 
 def model_version(model: Any) -> str:
@@ -131,17 +170,20 @@ def model_version(model: Any) -> str:
 
 def preflight(subcommand: str, config: Any) -> None:
     """Config and path errors before any tokenizer, data or weights load, each naming its fix."""
-    model = config["model"]
+    trainer, model = config["trainer"], config["model"]
+    check_accelerator(trainer)
+    check_ranges(config)
     if model_version(model) == "v1":  # v2 runs transformers' own code and checks its adapters itself
         check_trust(model["trust_remote_code"], model["model_name_or_path"])
-        check_backend(model, config["trainer"])
+        check_backend(model, trainer)
         if model["adapter_path"]:
             check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
     check_data_settings(subcommand, config["data"])
-    check_ckpt_path(config.get("ckpt_path"))
-    check_precision(config["trainer"]["precision"])
+    check_ckpt_path(config.get("ckpt_path"), subcommand)
+    check_precision(trainer["precision"])
     if subcommand == "fit":
         check_checkpointing(config["checkpoint"])
+    check_outputs(subcommand, config, several_devices(*(trainer.get(key, default) for key, default in TRAINER_KEYS)))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:
@@ -157,6 +199,7 @@ def main(args: list[str] | None = None, run: bool = True) -> OCRLightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_class=ShortUsageParser,
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION},
         args=args,
         run=run,
     )

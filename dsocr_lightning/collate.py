@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .batching import ImagePrompt, SampleCollator, split_instruction
-from .images import image_token_count, preprocess
+from .images import image_token_count, preprocess, tile_grid
 
 
 @dataclass
@@ -31,11 +31,18 @@ class OCRCollator(SampleCollator):
     def encode_image(self, image: Any) -> ImagePrompt:
         """The views of `mode` ((crops, global view, grid)) and the prompt with the grid's image-token count."""
         view = preprocess(image, self.mode)
-        count = image_token_count(self.mode.base_size, self.mode.image_size, *view[2])
+        return ImagePrompt(view, *self.prompt_for(view[2]))
+
+    def counted_prompt(self, image: Any) -> tuple[list[int], list[bool]]:
+        """The prompt from the tile grid alone (`tile_grid`, which `preprocess` cuts by): no pixels made."""
+        return self.prompt_for(tile_grid(image, self.mode))
+
+    def prompt_for(self, grid: tuple[int, int]) -> tuple[list[int], list[bool]]:
+        """Prompt ids with the grid's image-token count, and the image positions."""
+        count = image_token_count(self.mode.base_size, self.mode.image_size, *grid)
         before, after = self.encode_text(self.before), self.encode_text(self.after)
         prompt = [self.bos_id, *before, *[self.image_id] * count, *after]
-        image_mask = [False] * (1 + len(before)) + [True] * count + [False] * len(after)
-        return ImagePrompt(view, prompt, image_mask)
+        return prompt, [False] * (1 + len(before)) + [True] * count + [False] * len(after)
 
     def model_inputs(self, pixels: list[Any], batch: dict[str, Any]) -> dict[str, Any]:
         """`images` as (crops, global view) per row and their grids; `right_padded` tells the module that the

@@ -7,9 +7,11 @@ Splits are strings like `train[:1000]` or `test[:200]`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import DEFAULT_INSTRUCTION, BadSamplePolicy, SampleCollator, split_instruction
-from .checks import ConfigError, check_model_source
+from .checks import ConfigError, check_hub_reachable, check_model_source, hub_offline
 from .images import MODES, Mode
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
@@ -55,8 +57,9 @@ def detect_source(source: str) -> str:
 
 
 def looks_local(source: str) -> bool:
-    """`./x`, `/x`, `~/x`, `a/b/c` and `*.jsonl` name local data; `owner/name` (or a bare name) a hub dataset."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".jsonl")
+    """`./x`, `/x`, `~/x`, `a/b/c`, a bare name (`mydata`) and `*.jsonl` name local data; only `owner/name` is a hub
+    dataset (as for models)."""
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or source.endswith(".jsonl")
 
 
 def used_splits(stage: str, hp: Mapping[str, Any]) -> list[str]:
@@ -94,6 +97,8 @@ def check_source(source: str, source_type: str, split_names: list[str]) -> None:
     if kind == "hub" and source_type == "auto" and looks_local(source):
         raise ConfigError(f"data source {source!r} not found (looked for {Path(source).expanduser().resolve()}): "
                           "give an existing folder or JSONL manifest, or a hub dataset id (owner/name)")  # fmt: skip
+    if kind == "hub" and not hub_offline():
+        check_hub_reachable(f"data source {source!r}")
     if kind in ("imagefolder", "disk") and not Path(source).expanduser().is_dir():
         raise ConfigError(f"data folder {source!r} not found (data.source_type {kind})")
     for name in split_names if kind == "jsonl" else []:
@@ -133,14 +138,10 @@ class OCRSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample: dict[str, Any] = {"index": index, "path": "", "text": None, "image": None}
         try:
-            row = self.rows[index]  # a hub dataset decodes the image here
+            row = self.rows[index]
             sample["text"], image = row.get(self.text_column), row.get(self.image_column)
-            if isinstance(image, Image.Image):
-                sample["path"] = getattr(image, "filename", "") or ""
-            else:
-                sample["path"] = str((self.root or Path()) / str(image))
-                image = Image.open(sample["path"])
-            sample["image"] = image
+            sample["path"] = cell_path(image, self.root)
+            sample["image"] = open_cell(image, sample["path"])
         except Exception as error:  # noqa: BLE001  (any failure to read one row is that row's, reported by policy)
             sample["error"] = f"unreadable row: {type(error).__name__}: {error}"
         return sample
@@ -153,7 +154,36 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def check_columns(columns: list[str], wanted: list[str], where: str) -> None:
     missing = [c for c in wanted if c not in columns]
     if missing:
-        raise KeyError(f"{where} has no column(s) {missing}; its columns are {columns}: set image_column/text_column")
+        raise ConfigError(f"{where} has no column(s) {missing}; its columns are {columns}: set data.image_column / "
+                          "data.text_column")  # fmt: skip
+
+
+def undecoded(table: Any, column: str) -> Any:
+    """A datasets table whose image column comes as `{"bytes", "path"}` cells: `OCRSamples` opens them itself, and so
+    knows the path of an image that cannot be decoded."""
+    import datasets
+
+    if isinstance(table.features.get(column), datasets.Image):
+        return table.cast_column(column, datasets.Image(decode=False))
+    return table
+
+
+def cell_path(image: Any, root: Path | None) -> str:
+    """The path of a table's image cell (a PIL image, an undecoded `{"bytes", "path"}` cell or a path), or ""."""
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or ""
+    if isinstance(image, dict):
+        return str(image.get("path") or "")
+    return str((root or Path()) / str(image))
+
+
+def open_cell(image: Any, path: str) -> Image.Image:
+    """The image of a cell (not decoded yet: the collator's `load_image` decodes it)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict) and image.get("bytes"):
+        return Image.open(io.BytesIO(image["bytes"]))
+    return Image.open(path)
 
 
 class OCRDataModule(L.LightningDataModule):
@@ -180,7 +210,7 @@ class OCRDataModule(L.LightningDataModule):
         num_workers: int = 2,
         shuffle: bool = True,
         bad_sample_policy: BadSamplePolicy = "error",
-        scan: bool = False,
+        scan: bool = True,
         dataset_revision: str | None = None,
         synthetic_sizes: dict[str, int] | None = None,
         synthetic_kind: LineKind = "words",
@@ -208,15 +238,18 @@ class OCRDataModule(L.LightningDataModule):
             image_size: override the mode's crop-tile side.
             crop_mode: override whether large images are cut into tiles.
             train_on_responses_only: learn the transcription only (prompt and image masked with -100).
-            max_length: cap on sequence length (the response is cut), or null.
+            max_length: cap on a sample's tokens (prompt, image and response), or null; a longer sample is a bad
+                sample (`bad_sample_policy`: the run stops naming it, or it is skipped), never cut.
             batch_size: training micro-batch size.
             eval_batch_size: validation/test batch size (batched generation).
             num_workers: DataLoader worker processes (the collator's pixel work runs there).
             shuffle: shuffle the training split (off to compare runs on the same batches).
             bad_sample_policy: `error` stops at the first unusable sample, naming split, index and path; `skip`
                 drops it and counts it (the `bad_samples` callback fails the run past its fraction).
-            scan: before the run, decode and tokenise every sample of the splits it uses, and list every unusable
-                one at once (policy `error`: stop before training; `skip`: warn).
+            scan: before the model loads, decode and tokenise every sample of the splits the run uses and list every
+                unusable one at once (policy `error`: stop there; `skip`: warn). About 0.4 s per 1,000 Parsynth-sized
+                lines on one CPU core (v2 with `max_length`: its processor runs, ~15 s); false: a bad sample stops the
+                run when it is reached.
             dataset_revision: hub revision to pin the dataset to.
             synthetic_sizes: split -> number of lines for `synthetic`, e.g. {train: 64, test: 16}.
             synthetic_kind: `words` (Persian words, joined, right to left) or `digits` (numbers of up to 8 Persian
@@ -280,14 +313,18 @@ class OCRDataModule(L.LightningDataModule):
         names = used_splits(stage, hp) + (["predict"] if "predict" in self.datasets and stage == "predict" else [])
         for split in names:
             collate = self.collator(False, split, inference=stage == "predict")
+            start = time.perf_counter()
             problems = scan_samples(self.datasets[split], collate, hp.eval_batch_size, hp.num_workers)
-            report_problems(split, problems, len(self.datasets[split]), hp.bad_sample_policy)
+            seconds = time.perf_counter() - start
+            report_problems(split, problems, len(self.datasets[split]), hp.bad_sample_policy, seconds)
 
     def load_split(self, spec: str) -> Dataset:
         """One split of the configured source as samples; a source or split that is not there says so plainly."""
         try:
             with progress_bars(self.resolved_type() not in LOCAL_KINDS):
                 return self.read_split(spec)
+        except ConfigError:
+            raise
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
             raise ConfigError(
                 f"could not load split {spec!r} of {self.hparams.source!r} ({self.resolved_type()}): {error}\n"
@@ -311,7 +348,7 @@ class OCRDataModule(L.LightningDataModule):
         else:
             table = datasets.load_dataset(hp.source, split=spec, revision=hp.dataset_revision)
         check_columns(table.column_names, [hp.image_column, hp.text_column], f"{hp.source} {spec}")
-        return OCRSamples(table, hp.image_column, hp.text_column)
+        return OCRSamples(undecoded(table, hp.image_column), hp.image_column, hp.text_column)
 
     def load_jsonl(self, spec: str) -> Dataset:
         """A manifest of {image: path relative to the manifest, text}; `{split}` in the path picks the file."""

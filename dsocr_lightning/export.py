@@ -2,6 +2,9 @@
 
 python -m dsocr_lightning export lora_model deepseek_ocr_persian --trust_remote_code true [--dtype bfloat16]
 
+The output folder must be new or empty (`--overwrite true` replaces an earlier export of this tool, nothing else),
+and apart from the adapter, the base, the working folder and every run folder: all checked before anything loads.
+
 The adapter may be `lora_model` (last step), `lora_model_best` (best val/cer), or a fit checkpoint (`.ckpt`).
 Memory stays near the size of the base checkpoint as stored (16-bit for DeepSeek-OCR): the base loads in its own
 dtype, each LoRA layer is merged on its own (its update computed in float32 and added in float32, the sum rounded
@@ -10,7 +13,6 @@ once to the saved dtype), and the weights are written in shards.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +20,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .checks import ConfigError, looks_like_path
-from .folders import replaced_folder
+from .checkpoint_io import read_checkpoint
+from .checks import ConfigError, check_model_source, check_safetensors, looks_like_path, read_json
+from .folders import check_replaceable, check_writable_location, replaced_folder, within
 from .versions import adapter_version, checkpoint_version, require_environment
 
 # Above this rounding error of the adapter's update the merged model drifts from the adapter's output. Measured on
@@ -37,25 +40,6 @@ def base_folder(base_model: str, revision: str | None) -> Path:
     return Path(snapshot_download(base_model, allow_patterns=["*.py", "*.json"], revision=revision))
 
 
-def read_fit_checkpoint(adapter: str) -> dict[str, Any] | None:
-    """The fit checkpoint `adapter` names (LoRA weights and hyper-parameters), read once; None for a folder."""
-    path = Path(adapter)
-    return (
-        torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".ckpt" and path.is_file() else None
-    )
-
-
-def export_version(
-    adapter: str, checkpoint: dict[str, Any] | None, base_model: str | None, revision: str | None
-) -> str:
-    """v1 or v2 for an adapter folder or a fit checkpoint, checked against this environment before any weights."""
-    if checkpoint is not None:
-        return checkpoint_version(base_model or checkpoint["hyper_parameters"]["model_name_or_path"], revision)
-    version = adapter_version(adapter, revision)
-    require_environment(version, f"adapter {adapter!r}")
-    return version
-
-
 def export(
     adapter: str,
     out_dir: str,
@@ -64,40 +48,74 @@ def export(
     trust_remote_code: bool = False,
     revision: str | None = None,
     max_shard_size: str = "1GB",
+    overwrite: bool = False,
 ) -> Path:
     """Merge `adapter` into its base and save weights (safetensors), config, remote code and tokenizer.
 
     Args:
         adapter: a PEFT adapter folder as `fit` saves it (`lora_model`, `lora_model_best`) or a fit checkpoint (.ckpt).
-        out_dir: where the merged checkpoint goes (replaced whole, never half-written).
+        out_dir: a new or empty folder for the merged checkpoint (written beside it and moved in whole).
         base_model: hub id or folder of the base; default: the one the adapter or checkpoint was trained from.
         dtype: dtype of the saved weights.
         trust_remote_code: run the base checkpoint's model code (DeepSeek-OCR v1 cannot load without it; v2 needs
             none).
         revision: hub revision of the base.
         max_shard_size: largest safetensors file written (saving holds about one shard in memory at a time).
+        overwrite: replace `out_dir` when it holds an earlier export of this tool, and nothing else.
     """
-    checkpoint = read_fit_checkpoint(adapter)
-    version = export_version(adapter, checkpoint, base_model, revision)
+    source = AdapterSource.open(adapter, base_model)
+    version = source.version(revision)  # first: the environment the adapter needs
+    source.check_ready(revision)
+    check_export_target(Path(out_dir), overwrite, source)
     if version == "v2":  # transformers' own DeepSeek-OCR 2: no remote code
-        if Path(adapter).suffix == ".ckpt":
+        if source.checkpoint is not None:
             raise ConfigError("a DeepSeek-OCR 2 export takes an adapter folder (lora_model or lora_model_best)")
         from .v2.export import export as export_v2
 
-        return export_v2(adapter, out_dir, base_model, dtype, revision)
+        return export_v2(adapter, out_dir, source.base, dtype, revision)
     if not trust_remote_code:
         raise ConfigError("export loads the base checkpoint's own model code: pass --trust_remote_code true")
-    source = AdapterSource.open(adapter, base_model, checkpoint)
     peft_model = source.peft_model(revision)
     report_rounding(merge_lora_layers(peft_model, getattr(torch, dtype)), dtype)
     merged = peft_model.unload().to(getattr(torch, dtype))  # LoRA layers out (already merged), the rest converted
-    with replaced_folder(out_dir) as tmp:
+    with replaced_folder(out_dir, "export", "export folder") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         for code in base_folder(source.base, revision).glob("*.py"):
             shutil.copy2(code, tmp / code.name)
         source.tokenizer().save_pretrained(tmp)
     rank_zero_info(f"merged {adapter} into {source.base}: {out_dir} ({dtype})")
     return Path(out_dir)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A training run's log folder (or one like it): checkpoints, hparams or TensorBoard events."""
+    return (folder / "checkpoints").is_dir() or (folder / "hparams.yaml").is_file() or \
+        any(folder.glob("events.out.tfevents.*"))  # fmt: skip
+
+
+def check_export_target(out_dir: Path, overwrite: bool, source: AdapterSource) -> None:
+    """The merged checkpoint's folder, before anything loads: new or empty, or with `overwrite` an earlier export
+    of this tool (none inside a run folder); never the working folder or one above it; never the adapter or the base
+    folder, nor one inside or above them; and writable."""
+    where = f"export folder {str(out_dir)!r}"
+    if within(Path.cwd(), out_dir):
+        place = "the working folder" if within(out_dir, Path.cwd()) else "above the working folder"
+        raise ConfigError(f"{where} is {place}: give a new folder for the merged checkpoint, e.g. merged_model")
+    base = [("base model", Path(source.base))] if Path(source.base).is_dir() else []
+    for name, folder in [("adapter", source.path), *base]:
+        if within(out_dir, folder) or within(folder, out_dir):
+            place = "is" if within(folder, out_dir) and within(out_dir, folder) else \
+                "lies inside" if within(out_dir, folder) else "holds"  # fmt: skip
+            raise ConfigError(f"{where} {place} the {name} {str(folder)!r}: give a folder apart from it")
+    check_replaceable(out_dir, "export", "export folder")  # a file, or anything export did not write: refused
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        run = next((p for p in [out_dir, *out_dir.absolute().parents] if is_run_folder(p)), None)
+        if run is not None:
+            raise ConfigError(f"{where} is an earlier export inside the run folder {str(run)!r}, which export never "
+                              "replaces: give a new folder")  # fmt: skip
+        if not overwrite:
+            raise ConfigError(f"{where} holds an earlier export: give a new folder, or --overwrite true to replace it")
+    check_writable_location(out_dir, "export folder")
 
 
 class AdapterSource:
@@ -107,24 +125,53 @@ class AdapterSource:
         self.path, self.base, self.checkpoint = path, base, checkpoint
 
     @classmethod
-    def open(cls, adapter: str, base_model: str | None, checkpoint: dict[str, Any] | None) -> AdapterSource:
-        """`checkpoint`: the fit checkpoint `adapter` names, as `read_fit_checkpoint` read it (None for a folder)."""
+    def open(cls, adapter: str, base_model: str | None) -> AdapterSource:
+        """The adapter folder or fit checkpoint `adapter`, checked readable (a `.ckpt` is read once, its tensors
+        memory-mapped); its base is `base_model` or the one it records."""
         path = Path(adapter)
-        if checkpoint is not None:
-            base = base_model or checkpoint["hyper_parameters"]["model_name_or_path"]
-            return cls(path, base, checkpoint)
+        if path.is_file():
+            checkpoint = read_checkpoint(path, "adapter checkpoint")
+            settings = checkpoint.get("hyper_parameters") or {}
+            if "lora" not in settings or "model_name_or_path" not in settings:
+                raise ConfigError(f"{adapter!r} is a checkpoint but not one of fit (it records no LoRA settings)")
+            return cls(path, base_model or settings["model_name_or_path"], checkpoint)
         if not (path / "adapter_config.json").is_file():
             raise ConfigError(f"{adapter!r} is neither an adapter folder (with adapter_config.json, as lora_model "
                               "and lora_model_best) nor a fit checkpoint (.ckpt)")  # fmt: skip
-        base = base_model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return cls(path, base, None)
+        saved = read_json(path / "adapter_config.json", f"adapter {adapter!r}")
+        return cls(path, base_model or saved.get("base_model_name_or_path") or "", None)
+
+    def version(self, revision: str | None) -> str:
+        """v1 or v2, checked against this environment before any weights: an adapter folder's from its own config
+        (3-D expert targets are v2's, else its base's config decides), a fit checkpoint's from its base."""
+        try:
+            if self.checkpoint is not None:
+                self.check_base(revision)
+                return checkpoint_version(self.base, revision)
+            version = adapter_version(str(self.path), revision)
+            require_environment(version, f"adapter {str(self.path)!r}")
+            return version
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ConfigError(str(error)) from None
+
+    def check_ready(self, revision: str | None) -> None:
+        """The adapter's weights readable and its base there and complete, before anything loads."""
+        if self.checkpoint is None:
+            check_safetensors(self.path / "adapter_model.safetensors", f"adapter {str(self.path)!r}")
+        self.check_base(revision)
+
+    def check_base(self, revision: str | None) -> None:
+        if not self.base:
+            raise ConfigError(f"adapter {str(self.path)!r} does not name its base model: pass --base_model")
+        if looks_like_path(self.base) and not Path(self.base).expanduser().is_dir():
+            raise ConfigError(f"base model folder {self.base!r} not found: pass --base_model, a folder or hub id of the "
+                              "model the adapter was trained on")  # fmt: skip
+        check_model_source(self.base, revision)
 
     def load_base(self, revision: str | None) -> torch.nn.Module:
         """The base in the dtype it is stored in (16-bit for DeepSeek-OCR): no float32 copy of 3B weights."""
         from transformers import AutoModel
 
-        if looks_like_path(self.base) and not Path(self.base).is_dir():
-            raise ConfigError(f"base model {self.base!r} not found: pass --base_model (a folder or hub id)")
         return AutoModel.from_pretrained(self.base, trust_remote_code=True, dtype="auto", use_safetensors=True,
                                          revision=revision)  # fmt: skip
 
@@ -142,10 +189,15 @@ class AdapterSource:
 
         weights = {key.removeprefix("model."): value for key, value in self.checkpoint["state_dict"].items()}
         weights = per_expert_state_dict(weights)  # a checkpoint of grouped experts holds their LoRA stacked
-        result = model.load_state_dict(weights, strict=False)
+        try:
+            result = model.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # shapes of another rank
+            raise ConfigError(
+                f"{self.path} does not fit its base {self.base!r}: {str(error).splitlines()[-1]}"
+            ) from None
         missing = [key for key in result.missing_keys if "lora_" in key]
         if result.unexpected_keys or missing:
-            raise ValueError(f"{self.path} does not fit its LoRA settings: {(result.unexpected_keys + missing)[:3]}")
+            raise ConfigError(f"{self.path} does not fit its LoRA settings: {(result.unexpected_keys + missing)[:3]}")
         return model
 
     def tokenizer(self) -> Any:
@@ -166,7 +218,7 @@ def merge_lora_layers(peft_model: torch.nn.Module, dtype: torch.dtype) -> float:
     lost = update = 0.0
     for layer in [m for m in peft_model.modules() if isinstance(m, LoraLayer)]:
         if any(layer.use_dora.values()) or any(layer.lora_bias.values()):
-            raise ValueError("export merges plain LoRA adapters (no DoRA, no LoRA bias)")
+            raise ConfigError("export merges plain LoRA adapters (no DoRA, no LoRA bias)")
         base = layer.get_base_layer()
         delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
         exact = base.weight.float() + delta
@@ -187,9 +239,13 @@ def report_rounding(error: float, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentParser
 
     from .quiet import silence_known_noise
 
+    class ShortUsageParser(ArgumentParser):
+        def print_usage(self, file: Any = None) -> None:
+            """A wrong or missing argument: the error and the way to `--help` suffice (as for fit)."""
+
     silence_known_noise()
-    return CLI(export, args=argv)
+    return CLI(export, args=argv, prog="python -m dsocr_lightning export", parser_class=ShortUsageParser)

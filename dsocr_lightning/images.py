@@ -132,13 +132,20 @@ def wants_crops(image: Image.Image, image_size: int, crop_mode: bool) -> bool:
     return crop_mode and (image.width > image_size or image.height > image_size)
 
 
+def tile_grid(image: Image.Image, mode: Mode) -> tuple[int, int]:
+    """(cols, rows) of the tiles `preprocess` cuts from `image`; (1, 1) for none."""
+    if not wants_crops(image, mode.image_size, mode.crop_mode):
+        return 1, 1
+    return choose_grid(image.width, image.height, mode.image_size)
+
+
 def preprocess(image: Image.Image, mode: Mode) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """One RGB image -> (crops [P,3,S,S] or zeros [1,3,B,B], global [1,3,B,B], (cols, rows))."""
     image = image.convert("RGB")
     base = mode.base_size
     glob = to_tensor(global_view(image, base, mode.crop_mode)).unsqueeze(0)
-    if not wants_crops(image, mode.image_size, mode.crop_mode):
+    cols, rows = tile_grid(image, mode)
+    if (cols, rows) == (1, 1):
         return torch.zeros(1, 3, base, base), glob, (1, 1)
-    cols, rows = choose_grid(image.width, image.height, mode.image_size)
     tiles = cut_tiles(image, mode.image_size, cols, rows)
     return torch.stack([to_tensor(t) for t in tiles]), glob, (cols, rows)

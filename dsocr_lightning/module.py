@@ -26,7 +26,7 @@ from .fast import FastPaths
 from .fast.decode import release_decoder
 from .fast.layer_graphs import graphs_active, pad_length, skipped_graphs, stable_grads
 from .fast.moe import looped_expert_layers
-from .folders import replaced_folder
+from .folders import ForeignFilesError, replaced_folder
 from .generation import GenerationSettings, transcribe
 from .line_metrics import LineMetrics, LoopSettings
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
@@ -96,7 +96,9 @@ class DeepSeekOCRModule(L.LightningModule):
             weight_decay: AdamW weight decay.
             warmup_steps: optimizer steps of linear warmup from 0, then linear decay to 0 at the last step.
             generation: validation decoding (max new tokens, n-gram repeat block).
-            adapter_dir: also save the final LoRA adapter + tokenizer here (always saved in the run's log folder).
+            adapter_dir: also save the final LoRA adapter + tokenizer here, and the best one beside it as
+                `<adapter_dir>_best` (always saved in the run's log folder too). Only an earlier adapter of this tool
+                is replaced there: a folder holding anything else is refused before the run starts.
             adapter_path: start from this saved LoRA adapter (validate/test/predict "after", or continue training).
             normalize_persian: also report CER after Persian normalisation (`*/cer_norm*`: Arabic yeh/kaf to
                 Persian, tatweel dropped, ZWNJ and digits unified, whitespace collapsed).
@@ -410,26 +412,32 @@ class DeepSeekOCRModule(L.LightningModule):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if not self.trainer.is_global_zero:
             return
-        targets = [Path(log_dir or ".") / "lora_model"]
+        lasts = [Path(log_dir or ".") / "lora_model"]
         if self.hparams.adapter_dir:
-            targets.append(Path(self.hparams.adapter_dir))
-        for target in targets:
-            save_adapter(self.model, self.tokenizer, target)
-            rank_zero_info(f"LoRA adapter + tokenizer of the last step ({self.global_step}) saved to {target}")
-        self.saved_adapters["last"] = targets
+            lasts.append(Path(self.hparams.adapter_dir))
+        what = f"LoRA adapter + tokenizer of the last step ({self.global_step})"
+        self.saved_adapters["last"] = [target for target in lasts if self.save_adapter_to(target, what)]
         best = best_checkpoint(self.trainer)
         if best is not None:
-            self.save_best_adapters(*best, targets)
+            self.save_best_adapters(*best, lasts)
 
     def save_best_adapters(self, path: str, monitor: str, score: float, lasts: list[Path]) -> None:
         """`<last>_best` for each last-step folder, from the best checkpoint's LoRA weights."""
         targets = [last.with_name(f"{last.name}_best") for last in lasts]
         with trainable_weights_from(self, path) as step:
-            for target in targets:
-                save_adapter(self.model, self.tokenizer, target)
-        self.saved_adapters["best"] = targets
-        where = ", ".join(str(t) for t in targets)
-        rank_zero_info(f"best LoRA adapter ({monitor} {score:.4f} at step {step}, {Path(path).name}) saved to {where}")
+            what = f"best LoRA adapter ({monitor} {score:.4f} at step {step}, {Path(path).name})"
+            self.saved_adapters["best"] = [target for target in targets if self.save_adapter_to(target, what)]
+
+    def save_adapter_to(self, target: Path, what: str) -> bool:
+        """Saves the adapter to `target` unless files that are not an earlier adapter of this tool appeared there
+        since the start (checked then too): those stay untouched, the copies elsewhere are kept."""
+        try:
+            save_adapter(self.model, self.tokenizer, target)
+        except ForeignFilesError as error:
+            log.warning("%s not saved to %s: %s", what, target, error)
+            return False
+        rank_zero_info(f"{what} saved to {target}")
+        return True
 
 
 @contextmanager
@@ -477,8 +485,9 @@ def check_data_parallel(wrapper: Any, model: Any) -> None:
 
 
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
-    """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder."""
-    with replaced_folder(target) as tmp:
+    """PEFT-format adapter + tokenizer, written beside `target` then swapped in: never half a folder, never over
+    files that are not an earlier adapter of this tool (`folders.ForeignFilesError`)."""
+    with replaced_folder(target, "adapter", "adapter folder") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -53,20 +53,33 @@ class ImageFiles(Dataset):
 class JsonlPredictionWriter(BasePredictionWriter):
     """Writes `{"path", "text", "reached_max_new_tokens"[, "reference", "cer"]}` per image, or `{"path", "error"}`
     for an image that could not be used, to `output` (`.rankN` added under DDP). The file appears whole when
-    prediction ends; a failed run leaves none."""
+    prediction ends; a failed run leaves none. An existing file is replaced only when asked (`overwrite`; the CLI
+    refuses it before anything loads)."""
 
-    def __init__(self, output: str = "lightning_logs/predictions.jsonl") -> None:
+    def __init__(self, output: str = "lightning_logs/predictions.jsonl", overwrite: bool = False) -> None:
         """
         Args:
             output: the JSONL file to write (one line per image, in input order).
+            overwrite: replace `output` if it exists (otherwise the command stops before anything loads).
         """
         super().__init__(write_interval="batch")
-        self.output, self.file, self.lines, self.errors, self.start = output, None, 0, 0, 0.0
+        self.output, self.overwrite, self.file, self.lines, self.errors = output, overwrite, None, 0, 0
+        self.start = 0.0
         self.waited, self.last_end = 0.0, None  # seconds between batches: the device waits for the next batch
 
     def path_for(self, trainer: Any) -> Path:
         path = Path(self.output)
         return path.with_suffix(f".rank{trainer.global_rank}.jsonl") if trainer.world_size > 1 else path
+
+    def free_path(self, trainer: Any) -> Path:
+        """Where the finished file goes: `path_for`, unless a file appeared there since the start and may not be
+        replaced; then the first free `<name>.N.jsonl` beside it (said in the log)."""
+        path = self.path_for(trainer)
+        if self.overwrite or not path.exists():
+            return path
+        free = next(p for n in range(1, 10**6) if not (p := path.with_suffix(f".{n}{path.suffix}")).exists())
+        log.warning("%s appeared during the prediction and is kept; the predictions go to %s", path, free)
+        return free
 
     def partial_path(self, trainer: Any) -> Path:
         path = self.path_for(trainer)
@@ -98,7 +111,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         self.file.close()
         self.file = None
-        target = self.path_for(trainer)
+        target = self.free_path(trainer)
         os.replace(self.partial_path(trainer), target)
         errors = f', {self.errors} of them unusable images (lines with an "error" field)' if self.errors else ""
         seconds = time.perf_counter() - self.start

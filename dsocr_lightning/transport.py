@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from .batching import BadSampleError
+
+BAD_SAMPLE = "bad_sample_error"  # a batch that is only the message of the bad sample that stopped the collator
 # what images.to_tensor makes of each byte value, computed by the same CPU operations
 PIXEL_OF_BYTE = torch.arange(256, dtype=torch.float32).div(127.5).sub(1.0)
 
@@ -45,7 +48,10 @@ def compact(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def expand(batch: dict[str, Any]) -> dict[str, Any]:
-    """The collator's layout again (device side): float32 pixels, zeros [1, 3, S, S] where the placeholder was."""
+    """The collator's layout again (device side): float32 pixels, zeros [1, 3, S, S] where the placeholder was; a
+    bad sample that stopped the worker's collator (policy `error`) is raised here, in the main process."""
+    if BAD_SAMPLE in batch:
+        raise BadSampleError(batch[BAD_SAMPLE])
     if "images" not in batch:
         return batch
     batch["images"] = [
@@ -58,10 +64,15 @@ def expand(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class CompactCollator:
-    """A collator whose batches travel compacted (what the DataLoader workers run); picklable for them."""
+    """A collator whose batches travel compacted (what the DataLoader workers run); picklable for them. A bad sample
+    travels as its message, raised by `expand`: a worker's exception would reach the user as a worker traceback of
+    some hundred lines."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return compact(self.collator(samples))
+        try:
+            return compact(self.collator(samples))
+        except BadSampleError as error:
+            return {BAD_SAMPLE: str(error)}

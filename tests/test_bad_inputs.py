@@ -49,7 +49,7 @@ def manifest(tmp_path):
 
 def samples_of(manifest, tokenizer_dir):
     data = OCRDataModule(str(manifest), "jsonl", "train", None, image_column="image", mode="tiny",
-                         max_length=200, tokenizer_name_or_path=str(tokenizer_dir))  # fmt: skip
+                         max_length=200, tokenizer_name_or_path=str(tokenizer_dir), scan=False)  # fmt: skip
     data.setup("fit")
     return data, [data.datasets["train"][i] for i in range(len(data.datasets["train"]))]
 
@@ -124,9 +124,11 @@ def test_mixed_persian_latin_digits_zwnj_round_trip(tokenizer):
 
 
 def test_missing_column_is_named(lines_dir, standin_dir):
+    from dsocr_lightning.checks import ConfigError
+
     data = OCRDataModule(str(lines_dir), "imagefolder", "train", None, image_column="image_path",
                          tokenizer_name_or_path=str(standin_dir))  # fmt: skip
-    with pytest.raises(KeyError, match=r"no column\(s\) \['image_path'\].*'image'"):
+    with pytest.raises(ConfigError, match=r"no column\(s\) \['image_path'\].*'image'.*data.image_column"):
         data.setup("fit")
 
 
@@ -178,7 +180,9 @@ def test_scan_lists_every_bad_sample_before_the_model_loads(manifest, standin_di
         "--data.val_split", "null", "--data.image_column", "image", "--data.max_length", "200",
         "--data.num_workers", "0", "--data.scan", "true",
     ]  # fmt: skip
-    with pytest.raises(ConfigError, match=r"7 of 8 samples of split 'train' are unusable:\n  index 1 ") as stop:
+    with pytest.raises(
+        ConfigError, match=r"7 of 8 samples of split 'train' are unusable:\n  split 'train' index 1 "
+    ) as stop:
         main(args)
-    listed = [line.split()[1] for line in str(stop.value).splitlines() if line.startswith("  index ")]
+    listed = [line.split()[3] for line in str(stop.value).splitlines() if line.startswith("  split 'train' index ")]
     assert listed == ["1", "2", "3", "4", "5", "6", "7"] and "data.bad_sample_policy skip" in str(stop.value)

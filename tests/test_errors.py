@@ -208,3 +208,13 @@ def test_out_of_memory_names_the_remedies():
     batch |= {"images_spatial_crop": None, "texts": ["a", "b"]}
     with pytest.raises(RuntimeError, match=r"--data.batch_size, currently 2.*gradient_checkpointing.*--data.mode"):
         module.guarded_forward(batch)
+
+
+def test_more_gpus_than_the_machine_has(monkeypatch):
+    from dsocr_lightning.checks import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"trainer.devices 2: this machine has 1 CUDA GPU\(s\): --trainer.devices 1"):
+        check_accelerator({"accelerator": "gpu", "devices": 2, "precision": "bf16-mixed"})
+    check_accelerator({"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"})

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dsocr_lightning.checkpoint_io import AtomicCheckpointIO
 from dsocr_lightning.cli import main
+from dsocr_lightning.folders import write_manifest
 from dsocr_lightning.module import DeepSeekOCRModule, save_adapter
 
 ROOT = Path(__file__).parents[1]
@@ -159,9 +160,10 @@ def test_resume_before_any_checkpoint_names_the_cadence(standin_dir, lines_dir, 
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_adapter(standin_dir, lines_dir, tmp_path, monkeypatch):
-    good = tmp_path / "adapter"
+    good = tmp_path / "adapter"  # an earlier adapter of this tool: adapter_dir may replace it, once a run ends well
     good.mkdir()
     (good / "adapter_model.safetensors").write_bytes(b"the good one")
+    write_manifest(good, "adapter")
     forward = DeepSeekOCRModule.forward
 
     def poisoned(self, batch, *args):
@@ -206,9 +208,10 @@ def test_checkpoint_write_is_atomic_and_load_is_weights_only(tmp_path, monkeypat
 
 
 def test_adapter_write_is_atomic(tmp_path):
-    target = tmp_path / "lora_model"
+    target = tmp_path / "lora_model"  # an earlier adapter of this tool, which a new save replaces whole or not at all
     target.mkdir()
     (target / "adapter_model.safetensors").write_bytes(b"good")
+    write_manifest(target, "adapter")
 
     class Crashes:
         def save_pretrained(self, folder):
@@ -219,3 +222,4 @@ def test_adapter_write_is_atomic(tmp_path):
         save_adapter(Crashes(), Crashes(), target)
     assert (target / "adapter_model.safetensors").read_bytes() == b"good"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "cwd", target]  # no temporary folder left behind
+    assert (target / "adapter_model.safetensors").read_bytes() == b"good"

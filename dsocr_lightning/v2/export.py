@@ -56,7 +56,8 @@ def export(adapter_dir: str, out_dir: str, base_model: str | None = None, dtype:
     fuse_experts(merged)
     merged = merged.to(saved_dtype)
     processor_source = adapter if (adapter / "processor_config.json").exists() else base
-    with replaced_folder(out_dir) as tmp:  # as v1's export: swapped in whole, no temporary folder left on failure
+    # as v1's export: swapped in whole, no temporary folder left on failure, never over anything but an earlier export
+    with replaced_folder(out_dir, "export", "export folder") as tmp:
         merged.save_pretrained(tmp)
         AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     rank_zero_info(f"merged {adapter} into {base}: {out_dir} ({dtype}, DeepSeek-OCR 2)")

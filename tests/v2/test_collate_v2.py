@@ -4,7 +4,7 @@ page, and the model accepts them (its own placeholder check)."""
 import pytest
 import torch
 
-from dsocr_lightning.batching import IGNORE_INDEX
+from dsocr_lightning.batching import IGNORE_INDEX, BadSample
 from dsocr_lightning.images import MODES
 from dsocr_lightning.v2.collate import ProcessorCollator
 
@@ -101,3 +101,21 @@ def test_the_scan_lists_every_bad_sample_whatever_the_policy(processor, pages):
     problems = scan_samples(samples, collator, batch_size=2, num_workers=0)
     assert [(split, index) for split, index, _, _ in problems] == [("train", 1), ("train", 2)]
     assert collator.processor is processor and collator.policy == "error"
+
+
+def test_the_scan_makes_no_pixels_without_max_length(processor, pages, monkeypatch):
+    """Without max_length the scan checks text and image only (no processor call); with it, all of `prepare`."""
+    collator = ProcessorCollator(processor, mode=MODES["gundam"])
+    calls = []
+    encode_image = ProcessorCollator.encode_image
+    monkeypatch.setattr(ProcessorCollator, "encode_image", lambda self, image: calls.append(image))
+    collator.inspect({"image": pages["wide"], "text": "x"})
+    with pytest.raises(BadSample, match="empty or whitespace-only text"):
+        collator.inspect({"image": pages["line"], "text": " "})
+    with pytest.raises(BadSample, match="unreadable image"):
+        collator.inspect({"image": pages["line"].crop((0, 0, 0, 0)), "text": "x"})
+    assert calls == []
+    monkeypatch.undo()
+    collator.max_length = len(encode_image(collator, pages["wide"]).prompt) + 1
+    with pytest.raises(BadSample, match="tokens exceed max_length"):
+        collator.inspect({"image": pages["wide"], "text": "x y z"})
