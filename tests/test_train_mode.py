@@ -45,7 +45,7 @@ class Probe(L.Callback):
         self.layer_calls.append(self.calls)  # forward + backward of this micro-batch are done
 
     def on_before_zero_grad(self, trainer, module, optimizer) -> None:  # after the optimizer step: clipped grads
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.clipped_norms.append(torch.nn.utils.get_total_norm(grads).item())
 
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
