@@ -192,6 +192,8 @@ def test_predict_keeps_an_existing_output_unless_told(project, standin_dir, line
     done = run_cli([*args, "--prediction_writer.overwrite", "true"], project)
     assert done.returncode == 0, done.output[-3000:]
     after = snapshot(project)
-    assert {k: v for k, v in after.items() if not k.endswith("preds.jsonl")} == \
-        {k: v for k, v in before.items() if not k.endswith("preds.jsonl")}  # no run folder either  # fmt: skip
+    made = ("preds.jsonl", "preds.report.html")  # the predictions and, with references, their error report
+    assert {k: v for k, v in after.items() if not k.endswith(made)} == \
+        {k: v for k, v in before.items() if not k.endswith(made)}  # no run folder either  # fmt: skip
+    assert (project / "preds.report.html").is_file()
     assert len((project / "preds.jsonl").read_text().splitlines()) == 4

@@ -138,7 +138,7 @@ def test_predict_with_references_writes_a_report(standin_dir, lines_dir, tmp_pat
     out = tmp_path / "p.jsonl"
     cli = run("predict", standin_dir, lines_dir, tmp_path, "--data.predict_split", "test",
               "--prediction_writer.output", str(out))  # fmt: skip
-    html = (Path(cli.trainer.log_dir) / "report.html").read_text(encoding="utf-8")
+    html = (tmp_path / "p.report.html").read_text(encoding="utf-8")  # beside the predictions: predict has no run folder
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     corpus = sum(r["cer"] * len(r["reference"]) for r in rows) / sum(len(r["reference"]) for r in rows)
     assert shown_metrics(html)["cer"] == pytest.approx(corpus, abs=5e-5)

@@ -2,8 +2,10 @@
 
 Shapes: T tokens, K experts per token, N = T*K (token, expert) assignments, E experts, r LoRA rank.
 `torch._grouped_mm(x [N, in], w [E, in, out], offs [E])` multiplies rows offs[e-1]:offs[e] of x by w[e]; on an
-H100 in bf16 it is one CUTLASS kernel whatever the split, elsewhere ATen's fallback runs it (CPU: per group).
-Every function here has a plain per-expert reference below it that it must equal (tests compare them).
+H100 in bf16 it is one CUTLASS kernel whatever the split, elsewhere ATen's fallback runs it (CPU: per group). Where
+it has no fused kernel, this project's Triton kernels (`triton_grouped.py`) take its place: `choose_kernel` decides
+once per run which one the experts run, and says why. Every function here has a plain per-expert reference that it
+must equal (tests compare them).
 """
 
 from __future__ import annotations
@@ -79,13 +81,13 @@ def choose_kernel(setting: GroupedKernel, device: torch.device, dtype: torch.dty
     where = f"{device.type} {str(dtype).removeprefix('torch.')}"
     if setting == "loop":
         return KernelChoice("loop", "fast.grouped_experts loop")
-    if setting in ("auto", "native") and not hasattr(torch, "_grouped_mm"):
-        if setting == "native":
-            raise ValueError(f"fast.grouped_experts native: torch {torch.__version__} has no _grouped_mm (2.9+)")
-    elif setting == "native" or (setting == "auto" and (device.type == "cpu" or native_runs_fused(device, dtype))):
-        fused = native_runs_fused(device, dtype) or device.type == "cpu"
-        return KernelChoice("native", f"torch._grouped_mm on {where}" + ("" if fused else
-                            " (ATen's per-group fallback: slower than triton here)"))  # fmt: skip
+    native = hasattr(torch, "_grouped_mm")
+    if setting == "native" and not native:
+        raise ValueError(f"fast.grouped_experts native: torch {torch.__version__} has no _grouped_mm (2.9+)")
+    fused = device.type == "cpu" or native_runs_fused(device, dtype)
+    if setting == "native" or (setting == "auto" and native and fused):
+        slow = "" if fused else " (ATen's per-group fallback, slower than the Triton kernels here)"
+        return KernelChoice("native", f"torch._grouped_mm on {where}{slow}")
     blocked = triton_blocker(device, dtype)
     if setting == "triton" and blocked:
         raise ValueError(f"fast.grouped_experts triton: {blocked}")

@@ -123,11 +123,12 @@ class LineReport(L.Callback):
             self.write(trainer, pl_module, prefix, Evaluation(trainer.global_step, lines), images, log_dir)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        lines, log_dir = gather_lines(self.lines), trainer.log_dir
+        """predict makes no run folder: its report goes beside its predictions (`preds.jsonl` -> `preds.report.html`)."""
+        lines = gather_lines(self.lines)
         self.lines = []
         if trainer.is_global_zero and lines:
             evaluation, images = Evaluation(trainer.global_step, lines), dataset_images(trainer.predict_dataloaders)
-            self.write(trainer, pl_module, "predict", evaluation, images, log_dir)
+            self.write(trainer, pl_module, "predict", evaluation, images, None, predictions_report(trainer))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective under DDP
@@ -135,15 +136,22 @@ class LineReport(L.Callback):
             self.write(trainer, pl_module, "val", self.last, dataset_images(trainer.val_dataloaders), log_dir)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, evaluation: Evaluation,
-              images: ImageOf, log_dir: str | None) -> None:  # fmt: skip
+              images: ImageOf, log_dir: str | None, where: Path | None = None) -> None:  # fmt: skip
         if not self.html:
             return
-        target = free_path(Path(log_dir or ".") / "report.html")
+        target = free_path(where or Path(log_dir or ".") / "report.html")
         facts = run_facts(trainer, pl_module, prefix, evaluation.step, log_dir)
         self.written = write_report(target, facts, [Side("prediction", evaluation.lines)], images, self.thumbnail)
         figs = figures(evaluation.lines)
         rank_zero_info(f"error report ({figs.lines} lines, CER {figs.cer:.4f}, loop rate {figs.loop_rate:.4f}): "
                        f"{self.written}")  # fmt: skip
+
+
+def predictions_report(trainer: L.Trainer) -> Path:
+    """`<predictions file>.report.html` beside the JSONL predict writes (`report.html` in the working folder when no
+    writer runs)."""
+    writer = next((c for c in trainer.callbacks if hasattr(c, "path_for")), None)
+    return Path("report.html") if writer is None else writer.path_for(trainer).with_suffix(".report.html")
 
 
 def run_facts(trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, step: int,
