@@ -136,7 +136,7 @@ def test_validation_adds_the_cer_histogram_and_the_worst_lines_to_tensorboard(va
 def test_predict_with_references_writes_a_report(standin_dir, lines_dir, tmp_path, monkeypatch):
     install(monkeypatch)
     out = tmp_path / "p.jsonl"
-    cli = run("predict", standin_dir, lines_dir, tmp_path, "--data.predict_split", "test",
+    run("predict", standin_dir, lines_dir, tmp_path, "--data.predict_split", "test",
               "--prediction_writer.output", str(out))  # fmt: skip
     html = (tmp_path / "p.report.html").read_text(encoding="utf-8")  # beside the predictions: predict has no run folder
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
