@@ -190,25 +190,6 @@ def check_checkpointing(best: Any) -> None:
                           "for no best checkpoint")  # fmt: skip
 
 
-def check_backend(model: Any, trainer: Any) -> None:
-    """The grouped-expert kernel and the backend, decided by the rules loading applies (fast.expert_kernel,
-    preimport.choose_backend) for this machine: an explicit choice that cannot run here (Unsloth on several devices,
-    4-bit weights on transformers, the Triton kernel without an NVIDIA GPU, ...) fails now, naming the fix."""
-    from .fast import FastPaths, expert_kernel
-    from .loading import unsloth_available
-    from .preimport import TRAINER_KEYS, choose_backend, compute_dtype, several_devices
-
-    gpu = torch.cuda.is_available() and str(trainer.get("accelerator", "auto")) != "cpu"
-    dtype = compute_dtype(model["dtype"], trainer.get("precision")) if gpu else torch.float32
-    fast = model["fast"] if isinstance(model["fast"], FastPaths) else FastPaths(**model["fast"])
-    parallel = several_devices(*(trainer.get(key, default) for key, default in TRAINER_KEYS))
-    try:
-        kernel = expert_kernel(fast, torch.device("cuda" if gpu else "cpu"), dtype).name
-        choose_backend(model["backend"], model["load_in_4bit"], parallel, kernel, gpu, unsloth_available())
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
 def check_accelerator(trainer: Any) -> None:
     """A GPU asked for where there is none (configs/t4.yaml on a laptop), or fp16 on the CPU, fails now."""
     accelerator, precision = str(trainer.get("accelerator", "auto")), str(trainer.get("precision"))

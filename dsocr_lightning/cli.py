@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -18,7 +20,6 @@ from .checks import (
     ConfigError,
     check_accelerator,
     check_adapter,
-    check_backend,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
@@ -29,6 +30,7 @@ from .checks import (
 from .data import OCRDataModule, check_data_settings
 from .module import DeepSeekOCRModule
 from .outputs import check_outputs, logger_folder
+from .plan import RunPlan, decide
 from .predict import JsonlPredictionWriter
 from .preimport import TRAINER_KEYS, several_devices
 from .profiling import GpuProfile
@@ -168,14 +170,27 @@ def model_version(model: Any) -> str:
         raise ConfigError(str(error)) from None
 
 
+def hand_plan(config: Any, version: str) -> RunPlan:
+    """The run's plan (plan.py), decided once and set on the module and the data module (which logs it as the model
+    loads: after every check)."""
+    try:
+        plan = decide(version, config["model"], config["trainer"])
+    except ValueError as error:  # an explicit choice that cannot run here
+        raise ConfigError(str(error)) from None
+    config["model"]["plan"] = Namespace(**asdict(plan))
+    config["data"]["plan"] = Namespace(**asdict(plan))
+    return plan
+
+
 def preflight(subcommand: str, config: Any) -> None:
     """Config and path errors before any tokenizer, data or weights load, each naming its fix."""
     trainer, model = config["trainer"], config["model"]
     check_accelerator(trainer)
     check_ranges(config)
-    if model_version(model) == "v1":  # v2 runs transformers' own code and checks its adapters itself
+    version = model_version(model)
+    hand_plan(config, version)
+    if version == "v1":  # v2 runs transformers' own code and checks its adapters itself
         check_trust(model["trust_remote_code"], model["model_name_or_path"])
-        check_backend(model, trainer)
         if model["adapter_path"]:
             check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
     check_data_settings(subcommand, config["data"])

@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from .batching import DEFAULT_INSTRUCTION, BadSamplePolicy, SampleCollator, split_instruction
 from .checks import ConfigError, check_hub_reachable, check_model_source, hub_offline
 from .images import MODES, Mode
+from .plan import RunPlan
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
 from .transport import CompactCollator, expand
-from .versions import load_text_side, make_collator
+from .versions import checkpoint_version, load_text_side, make_collator
 
 log = logging.getLogger(__name__)
 SourceType = Literal["auto", "hub", "imagefolder", "jsonl", "disk", "synthetic"]
@@ -218,6 +219,7 @@ class OCRDataModule(L.LightningDataModule):
         tokenizer_name_or_path: str = "unsloth/DeepSeek-OCR",
         trust_remote_code: bool = False,
         revision: str | None = None,
+        plan: RunPlan = RunPlan(),
     ) -> None:
         """
         Args:
@@ -258,10 +260,13 @@ class OCRDataModule(L.LightningDataModule):
             tokenizer_name_or_path: where the tokenizer comes from (linked to the model's checkpoint by the CLI).
             trust_remote_code: allow the checkpoint's code for the tokenizer (linked to the model's setting).
             revision: checkpoint revision for the tokenizer (linked to the model's setting).
+            plan: the run's plan, set by the CLI before anything loads (plan.py): its model version picks the
+                family's text side and collator; empty = the checkpoint's config.json.
         """
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: Any = None
+        self.version = ""  # v1 or v2: the plan's, else the checkpoint's (set with the tokenizer)
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -300,8 +305,10 @@ class OCRDataModule(L.LightningDataModule):
         """The checkpoint's tokenizer, after the same check the model gets (a missing folder is no hub id)."""
         hp = self.hparams
         check_model_source(hp.tokenizer_name_or_path, hp.revision)
+        plan = hp.plan if isinstance(hp.plan, RunPlan) else RunPlan(**hp.plan)
         try:
-            return load_text_side(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision)
+            self.version = plan.version or checkpoint_version(hp.tokenizer_name_or_path, hp.revision)
+            return load_text_side(hp.tokenizer_name_or_path, hp.trust_remote_code, hp.revision, self.version)
         except (OSError, ValueError) as error:
             raise ConfigError(f"could not load the tokenizer of {hp.tokenizer_name_or_path!r}: {error}") from error
 
@@ -364,7 +371,7 @@ class OCRDataModule(L.LightningDataModule):
     def collator(self, with_prompts: bool, split: str = "train", inference: bool = False) -> SampleCollator:
         hp = self.hparams
         return make_collator(
-            self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
+            self.version, self.tokenizer, mode=self.mode, instruction=hp.instruction, max_length=hp.max_length,
             train_on_responses_only=hp.train_on_responses_only, with_prompts=with_prompts, policy=hp.bad_sample_policy,
             split=split, inference=inference,
         )  # fmt: skip

@@ -16,8 +16,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checks import check_adapter, check_model_source, check_trust
-from .fast import FastPaths, apply_fast_paths, expert_kernel
+from .fast import FastPaths, KernelChoice, apply_fast_paths, expert_kernel
 from .fast.moe import is_picks
+from .plan import RunPlan
 from .preimport import choose_backend
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,17 @@ def load_model(
     data_parallel: bool = False,
     device: torch.device | None = None,
     compute_dtype: torch.dtype | None = None,
+    plan: RunPlan | None = None,
 ) -> tuple[Any, Any, str]:
     """(peft model, tokenizer, backend used), trainable-parameter count and fast paths logged. `device` and
-    `compute_dtype` (autocast's, when it differs from the weights') say where and how the model will compute:
-    they decide which fast paths run."""
+    `compute_dtype` (autocast's, when it differs from the weights') say where and how the model will compute; the
+    run's `plan` says the backend and the expert kernel (decided here by the same rules where it does not)."""
     require_trust(settings)
     check_model_source(settings.model_name_or_path, settings.revision)
     settings = replace(settings, model_name_or_path=absolute_source(settings.model_name_or_path))
     compute_dtype = compute_dtype or resolve_dtype(settings.dtype)
     device = device or run_device()
-    backend = resolve_backend(settings, data_parallel, device, compute_dtype)
+    backend = plan.backend if plan and plan.backend else resolve_backend(settings, data_parallel, device, compute_dtype)
     loader = load_with_unsloth if backend == "unsloth" else load_with_transformers
     try:
         model, tokenizer = loader(settings, lora, resolve_dtype(settings.dtype))
@@ -126,7 +128,8 @@ def load_model(
     if backend == "unsloth":  # its compiled decoder layers may not call the patched methods: leave them as built
         rank_zero_info("fast paths: not applied on the Unsloth backend (its compiled layers are left as it built them)")
     else:
-        apply_fast_paths(model, settings.fast, device, compute_dtype)
+        kernel = KernelChoice(plan.experts, "the run's plan") if plan and plan.experts else None
+        apply_fast_paths(model, settings.fast, device, compute_dtype, kernel)
     return model, tokenizer, backend
 
 

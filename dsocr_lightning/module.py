@@ -32,6 +32,7 @@ from .line_metrics import LineMetrics, LoopSettings
 from .loading import Backend, DType, LoadSettings, LoraSettings, set_inference
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
+from .plan import RunPlan
 from .step_tokens import STEP_TOKENS_KEY, TOKENS_KEY
 from .trainables import PickedExperts, check_loadable, reference_layout, reference_state_dict
 from .versions import load_model, write_standin
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "images", "images_seq_mask", "images_spatial_crop")
 V2_MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_local", "num_local_patches")
+FORWARD_KEYS = {"v1": MODEL_KEYS, "v2": V2_MODEL_KEYS}  # what each version's forward takes of a batch
 LOSS_NORMALISATION = {
     False: "loss: each micro-batch's mean token loss, averaged over the optimizer step (HF Trainer's for a model "
     "that takes no loss keyword arguments)",
@@ -74,6 +76,7 @@ class DeepSeekOCRModule(L.LightningModule):
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         make_standin: bool = False,
         cpu_threads: int | None = None,
+        plan: RunPlan = RunPlan(),
     ) -> None:
         """
         Args:
@@ -112,6 +115,8 @@ class DeepSeekOCRModule(L.LightningModule):
             cpu_threads: intra-op threads of a CPU run (`torch.set_num_threads`); null keeps torch's default (one
                 per core). A tiny model gains little from a second thread, which stalls whenever another process
                 holds a core.
+            plan: what the run is and how it runs (version, backend, expert kernel, compute dtype): set by the CLI
+                before anything loads, replacing any value given (plan.py); empty = decided when the model loads.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -123,6 +128,8 @@ class DeepSeekOCRModule(L.LightningModule):
             gradient_checkpointing, unsloth_force_compile, adapter_path,
             fast if isinstance(fast, FastPaths) else FastPaths(**fast),
         )  # fmt: skip
+        self.plan = plan if isinstance(plan, RunPlan) else RunPlan(**plan)
+        self.version = self.plan.version  # v1 or v2: the plan's, else the loaded checkpoint's
         self.model: Any = None
         self.tokenizer: Any = None
         self.backend: str | None = None
@@ -162,13 +169,17 @@ class DeepSeekOCRModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer, self.backend, self.step_token_loss = load_model(
+            if self.plan.version:
+                rank_zero_info(self.plan.line())
+            loaded = load_model(
                 self.load_settings,
                 self.lora,
                 self.data_parallel,
                 self.trainer.strategy.root_device,
                 AUTOCAST_DTYPES.get(str(self.trainer.precision)),
+                self.plan,
             )
+            self.model, self.tokenizer, self.backend, self.step_token_loss, self.version = loaded
             rank_zero_info(LOSS_NORMALISATION[self.step_token_loss])
             self.base_dtype = next(p.dtype for p in self.model.parameters() if not p.requires_grad)
             # from_pretrained returns an eval-mode model and Lightning keeps submodule modes: train mode here is
@@ -199,7 +210,7 @@ class DeepSeekOCRModule(L.LightningModule):
     def forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | None = None) -> Any:
         """The model's output; `num_items_in_batch` (training, `step_token_loss`): its loss is the batch's summed
         token loss divided by that, as HF Trainer passes it."""
-        keys = V2_MODEL_KEYS if "pixel_values" in batch else MODEL_KEYS  # v2's processor batches, or v1's
+        keys = FORWARD_KEYS[self.version]
         if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
             batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's backward ran: its buffers are free
@@ -339,7 +350,10 @@ class DeepSeekOCRModule(L.LightningModule):
         cers = self.val_cer.update(predictions, batch["texts"])
         loops = self.val_lines.update(predictions, batch["texts"], ended)
         if batch_idx == 0 and self.trainer.is_global_zero:
-            show_samples(self.logger, prefix, batch, predictions, cers, self.hparams.log_samples, self.global_step)
+            views = global_views(batch, self.version)
+            show_samples(
+                self.logger, prefix, batch, views, predictions, cers, self.hparams.log_samples, self.global_step
+            )
         return {"predictions": predictions, "cers": cers, "ended": ended, "loops": loops}
 
     def log_cer(self, prefix: str) -> None:
@@ -504,14 +518,18 @@ def persian_normalizer() -> Any:
     return normalize_persian
 
 
-def show_samples(logger: Any, prefix: str, batch: dict, predictions: list[str], cers: list[float], count: int,
-                 step: int) -> None:  # fmt: skip
+def global_views(batch: dict, version: str) -> list[torch.Tensor]:
+    """Each row's global view [3, B, B]: v2's processor stacks them, v1's batches pair them with the crops."""
+    return list(batch["pixel_values"]) if version == "v2" else [glob[0] for _, glob in batch["images"]]
+
+
+def show_samples(logger: Any, prefix: str, batch: dict, views: list[torch.Tensor], predictions: list[str],
+                 cers: list[float], count: int, step: int) -> None:  # fmt: skip
     """A few validation lines in TensorBoard: each image, and a table of reference | prediction | CER."""
     writer = getattr(logger, "experiment", None)
     if count <= 0 or not hasattr(writer, "add_image"):
         return
     rows = ["| # | reference | prediction | CER |", "|---|---|---|---|"]
-    views = batch["pixel_values"] if "pixel_values" in batch else [glob[0] for _, glob in batch["images"]]
     for i, (view, ref, pred, cer) in enumerate(zip(views, batch["texts"], predictions, cers)):
         if i == count:
             break

@@ -142,27 +142,33 @@ class LoadedModel(NamedTuple):
     backend: str
     step_token_loss: bool  # the forward takes HF's loss keyword arguments (`num_items_in_batch`), so HF Trainer
     # normalises each optimizer step's loss by the label tokens of all its micro-batches, and so does this project
+    version: ModelVersion
 
 
 def load_model(
-    settings: Any, lora: Any, data_parallel: bool = False, device: Any = None, compute_dtype: Any = None
-) -> LoadedModel:
-    """The loaded model of the checkpoint's version (see loading.load_model, v2.loading.load_model)."""
-    version = checkpoint_version(settings.model_name_or_path, settings.revision, settings.adapter_path)
+    settings: Any, lora: Any, data_parallel: bool = False, device: Any = None, compute_dtype: Any = None,
+    plan: Any = None,
+) -> LoadedModel:  # fmt: skip
+    """The loaded model of the plan's version, else the checkpoint's (see loading.load_model, v2's load_model)."""
+    version = plan.version if plan and plan.version else checkpoint_version(
+        settings.model_name_or_path, settings.revision, settings.adapter_path)  # fmt: skip
     if version == "v2":
         from .v2.loading import TAKES_LOSS_KWARGS
         from .v2.loading import load_model as load_v2
 
-        return LoadedModel(*load_v2(settings, lora, device, compute_dtype), TAKES_LOSS_KWARGS)
+        return LoadedModel(*load_v2(settings, lora, device, compute_dtype), TAKES_LOSS_KWARGS, version)
     from .loading import TAKES_LOSS_KWARGS
     from .loading import load_model as load_v1
 
-    return LoadedModel(*load_v1(settings, lora, data_parallel, device, compute_dtype), TAKES_LOSS_KWARGS)
+    loaded = load_v1(settings, lora, data_parallel, device, compute_dtype, plan)
+    return LoadedModel(*loaded, TAKES_LOSS_KWARGS, version)
 
 
-def load_text_side(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    """What the collator needs (no weights): v1's tokenizer, or v2's processor (tokenizer + image processor)."""
-    if checkpoint_version(name_or_path, revision) == "v2":
+def load_text_side(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   version: str = "") -> Any:  # fmt: skip
+    """What the collator needs (no weights): v1's tokenizer, or v2's processor (tokenizer + image processor), of the
+    given version, else the checkpoint's."""
+    if (version or checkpoint_version(name_or_path, revision)) == "v2":
         from .v2.loading import load_processor
 
         return load_processor(name_or_path, revision)
@@ -171,9 +177,9 @@ def load_text_side(name_or_path: str, trust_remote_code: bool = False, revision:
     return load_tokenizer(name_or_path, trust_remote_code, revision)
 
 
-def make_collator(text_side: Any, **settings: Any) -> Any:
+def make_collator(version: str, text_side: Any, **settings: Any) -> Any:
     """v1's collator (hand-written geometry from the contract) or v2's (transformers' processor)."""
-    if hasattr(text_side, "image_processor"):
+    if version == "v2":
         from .v2.collate import ProcessorCollator
 
         return ProcessorCollator(text_side, **settings)

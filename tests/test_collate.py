@@ -66,7 +66,9 @@ def test_right_padding_needs_no_mask(real_routing_dir):
     batch = batch_of(tokenizer, ["سلام دنیا و یک خط بلند", "آب"])
     assert batch["right_padded"] and not batch["attention_mask"].all()
     seen = {}
-    fake = types.SimpleNamespace(backend="transformers", graph_pad=0, model=lambda **kw: seen.update(kw) or model(**kw))
+    fake = types.SimpleNamespace(
+        backend="transformers", graph_pad=0, version="v1", model=lambda **kw: seen.update(kw) or model(**kw)
+    )
     loss = DeepSeekOCRModule.forward(fake, batch).loss
     assert seen["attention_mask"] is None
     loss.backward()

@@ -15,6 +15,7 @@ from dsocr_lightning.checks import ConfigError, check_precision
 from dsocr_lightning.cli import main
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.module import DeepSeekOCRModule
+from dsocr_lightning.plan import RunPlan
 from dsocr_lightning.preimport import choose_backend
 
 ROOT = Path(__file__).parents[1]
@@ -183,6 +184,7 @@ def test_plain_ddp_with_the_per_expert_loop_says_which_strategy(standin_dir, lin
     check_data_parallel(wrapper, cli.model.model)
     cli.model.model = None  # grouped experts (the default here): every expert weight gets a gradient, plain DDP runs
     cli.model.load_settings.fast = FastPaths()
+    cli.model.plan = RunPlan()  # decided again when the model loads (the CLI's plan said loop)
     cli.model.configure_model()
     wrapper.find_unused_parameters = False
     check_data_parallel(wrapper, cli.model.model)
@@ -203,7 +205,7 @@ def test_out_of_memory_names_the_remedies():
     def runs_out(**kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    module.model = runs_out
+    module.model, module.version = runs_out, "v1"  # (a hand-built module: nothing loaded, no plan)
     batch = {k: None for k in ("input_ids", "attention_mask", "labels", "images", "images_seq_mask")}
     batch |= {"images_spatial_crop": None, "texts": ["a", "b"]}
     with pytest.raises(RuntimeError, match=r"--data.batch_size, currently 2.*gradient_checkpointing.*--data.mode"):

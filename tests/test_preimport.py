@@ -1,6 +1,7 @@
 """The backend is read off the command line before lightning (and so transformers) is imported."""
 
 import importlib.util
+from dataclasses import asdict
 from pathlib import Path
 
 from dsocr_lightning.preimport import backend_from_argv, requested, runs_on_several_devices
@@ -47,3 +48,27 @@ def test_the_import_order_follows_the_backend_rule(monkeypatch):
     assert backend_from_argv([*t4, "--model.load_in_4bit", "true"]) == "unsloth"
     assert backend_from_argv([*t4, "--model.fast.grouped_experts", "loop"]) == "unsloth"
     assert backend_from_argv([*t4, "--trainer.devices", "2"]) == "transformers"
+
+
+def test_the_run_plan_is_decided_once_and_handed_to_model_and_data(standin_dir, lines_dir, caplog, monkeypatch):
+    """The CLI decides version, backend, expert kernel and compute dtype before anything loads, logs them in one
+    line, and the module and the data module follow that plan instead of deciding again."""
+    from test_errors import fit_args
+
+    from dsocr_lightning import data, versions
+    from dsocr_lightning.cli import main
+
+    cli = main(fit_args(standin_dir, lines_dir)[1:], run=False)
+    plan = cli.model.plan
+    assert (plan.version, plan.backend, plan.experts, plan.compute_dtype) == ("v1", "transformers", "native", "float32")
+    assert dict(cli.datamodule.hparams.plan) == asdict(plan)  # (a plain mapping in the data module's hparams)
+    calls = []
+    for module in (versions, data):  # the version is not read from config.json again
+        monkeypatch.setattr(module, "checkpoint_version", lambda *args, **kwargs: calls.append(args))
+    cli.datamodule.setup("fit")
+    cli.model.trainer = cli.trainer
+    cli.model.configure_model()
+    assert calls == [] and cli.model.version == cli.datamodule.version == "v1"  # nobody decided again
+    assert "run plan: DeepSeek-OCR v1, transformers, experts: native kernel, computing in float32" in caplog.text
+    assert {grouped for grouped in (getattr(m, "_grouped_kernel", None) for m in cli.model.model.modules())} >= {
+        "native"}  # fmt: skip

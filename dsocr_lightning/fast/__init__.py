@@ -62,9 +62,11 @@ def grouped_experts_line(model: nn.Module, choice: KernelChoice) -> str:
     return f"grouped experts: {count} MoE layers, {choice.name} kernel ({choice.why})"
 
 
-def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Patch `model`; returns (and logs) one line per path saying what runs."""
-    lines = [grouped_experts_line(model, expert_kernel(paths, device, dtype))]
+def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, dtype: torch.dtype,
+                     kernel: KernelChoice | None = None) -> list[str]:  # fmt: skip
+    """Patch `model` (the experts on `kernel`, the run's decision, else `expert_kernel`'s); returns (and logs) one
+    line per path saying what runs."""
+    lines = [grouped_experts_line(model, kernel or expert_kernel(paths, device, dtype))]
     if paths.batched_vision:
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
