@@ -20,7 +20,7 @@ from dsocr_lightning.module import DeepSeekOCRModule
 def module_loss(model, tokenizer, batch, graph_pad: int) -> torch.Tensor:
     """The module's training forward (padding included) on `model`, without a Trainer."""
     fake = types.SimpleNamespace(backend="transformers", model=model, graph_pad=graph_pad, training=True,
-                                 tokenizer=tokenizer)  # fmt: skip
+                                 tokenizer=tokenizer, version="v1")  # fmt: skip
     return DeepSeekOCRModule.forward(fake, batch).loss
 
 
