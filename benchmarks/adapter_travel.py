@@ -44,11 +44,11 @@ def load(loader: str, dtype: torch.dtype, args: argparse.Namespace):
         FastVisionModel.for_inference(model)
         return model.to(DEVICE).eval(), args.adapter_dir
     if loader == "ours":
-        from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model
+        from dsocr_lightning.training.loading import LoadSettings, LoraSettings, load_model
 
         settings = LoadSettings(args.model_dir, "transformers", trust_remote_code=True, adapter_path=args.adapter_dir,
                                 dtype=str(dtype).removeprefix("torch."))  # fmt: skip
-        model, _, _ = load_model(settings, LoraSettings())
+        model, *_ = load_model(settings, LoraSettings())
         return model.to(DEVICE).eval(), args.adapter_dir
     from transformers import AutoModel
 
@@ -65,7 +65,7 @@ def batches(tokenizer_dir: str, data_dir: str, dtype: torch.dtype) -> tuple[dict
     """(training batch with labels, inference batch with left-padded prompts) of the first LINES test lines."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    from dsocr_lightning.data import OCRDataModule
+    from dsocr_lightning.data.datamodule import OCRDataModule
 
     data = OCRDataModule(data_dir, "imagefolder", "test", None, image_column="image",
                          tokenizer_name_or_path=tokenizer_dir, trust_remote_code=True)  # fmt: skip
@@ -86,9 +86,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     model, tokenizer_dir = load(loader, dtype, args)  # before the imports below (they import transformers)
     from transformers import AutoTokenizer
 
-    from dsocr_lightning.generation import GenerationSettings, generate_tokens
-    from dsocr_lightning.module import MODEL_KEYS
+    from dsocr_lightning.families import family
+    from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
 
+    MODEL_KEYS = family("v1").forward_keys
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=True)
     train, infer = batches(tokenizer_dir, args.data_dir, dtype)
     with nullcontext() if dtype == torch.float32 else torch.autocast(DEVICE, dtype=dtype):

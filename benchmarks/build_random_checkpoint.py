@@ -59,7 +59,7 @@ def main() -> None:
     if (args.out_dir / "model.safetensors").exists():
         print(f"{args.out_dir} already holds a checkpoint: kept")
         return
-    from dsocr_lightning.standin import write_tokenizer
+    from dsocr_lightning.families.v1.standin import write_tokenizer
 
     start = time.perf_counter()
     copy_remote_code(args.remote_code_dir, args.out_dir)

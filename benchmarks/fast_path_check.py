@@ -22,15 +22,17 @@ import torch
 from common import commit, write_json
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from dsocr_lightning.data import OCRDataModule
+from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.families import family
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.fast.compiled_layers import compile_layers
 from dsocr_lightning.fast.grouped_mm import grouped_mm, grouped_mm_reference
 from dsocr_lightning.fast.moe import patch_grouped_experts
 from dsocr_lightning.fast.vision import patch_batched_vision
-from dsocr_lightning.generation import GenerationSettings, generate_tokens
-from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model
-from dsocr_lightning.module import MODEL_KEYS
+from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.training.loading import LoadSettings, LoraSettings, load_model
+
+MODEL_KEYS = family("v1").forward_keys
 
 CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-in: `--compiled` there takes minutes)
 DEVICE = "cuda" if CUDA else "cpu"
@@ -75,7 +77,7 @@ def compiled_check(args: argparse.Namespace, batch: dict) -> dict:
     upcast, eager): which one rounds further from the exact gradients."""
     fast = FastPaths(compile_layers=False)  # compiled below, after the eager runs
     settings = LoadSettings(args.model_dir, "transformers", True, dtype="bfloat16", fast=fast)
-    model, _, _ = load_model(settings, LoraSettings(), device=torch.device(DEVICE), compute_dtype=torch.bfloat16)
+    model, *_ = load_model(settings, LoraSettings(), device=torch.device(DEVICE), compute_dtype=torch.bfloat16)
     random_lora_b(model)
     model = model.to(DEVICE)
     views = lambda dtype: dict(batch, images=[(c.to(dtype), g.to(dtype)) for c, g in batch["images"]])
@@ -133,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     off = FastPaths(grouped_experts="loop", batched_vision=False)
     settings = LoadSettings(args.model_dir, "transformers", True, dtype="float32", fast=off)
-    model, tokenizer, _ = load_model(settings, LoraSettings(), device=torch.device(DEVICE))
+    model, tokenizer, *_ = load_model(settings, LoraSettings(), device=torch.device(DEVICE))
     random_lora_b(model)
     model = model.to(DEVICE)
     data = OCRDataModule(args.lines_dir, "imagefolder", "train", None, image_column="image",

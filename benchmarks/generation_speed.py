@@ -40,11 +40,11 @@ from common import ROOT, commit, write_json
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.nn.attention import SDPBackend
 
-from dsocr_lightning import generation
-from dsocr_lightning.data import OCRDataModule
+from dsocr_lightning.data.datamodule import OCRDataModule
 from dsocr_lightning.fast import FastPaths
-from dsocr_lightning.generation import GenerationSettings, generate_tokens
-from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model, set_inference
+from dsocr_lightning.training import generation
+from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.training.loading import LoadSettings, LoraSettings, load_model, set_inference
 
 CUDA = torch.cuda.is_available()  # else a CPU dry run (e.g. on the test stand-in): its speeds say nothing
 DEVICE = "cuda" if CUDA else "cpu"
@@ -56,7 +56,7 @@ KERNEL = "auto"  # --kernel: the grouped-expert kernel of the fast path (the loo
 def load(model_dir: str, loop: bool, dtype: str = "auto", adapter: str | None = None) -> tuple:
     settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype, adapter_path=adapter,
                             fast=FastPaths(grouped_experts="loop" if loop else KERNEL))  # fmt: skip
-    model, tokenizer, backend = load_model(settings, LoraSettings())
+    model, tokenizer, backend, *_ = load_model(settings, LoraSettings())
     model = model.to(DEVICE).eval()
     set_inference(model, backend, True)
     return model, tokenizer

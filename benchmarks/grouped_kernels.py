@@ -61,7 +61,7 @@ def gpu_seconds(fn) -> float:
     """Seconds the GPU worked during one call (the union of its kernels' spans: no launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dsocr_lightning.profiling import kernel_time
+    from dsocr_lightning.training.profiling import kernel_time
 
     fn()
     torch.cuda.synchronize()

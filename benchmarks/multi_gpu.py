@@ -174,8 +174,8 @@ def table(data: dict) -> str:
 
 def tiny_inputs(args: argparse.Namespace) -> None:
     """The TEST STAND-IN and 21 lines into WORK_DIR (the first positional argument)."""
-    from dsocr_lightning.render import write_imagefolder
-    from dsocr_lightning.standin import write_standin_checkpoint
+    from dsocr_lightning.data.render import write_imagefolder
+    from dsocr_lightning.families.v1.standin import write_standin_checkpoint
 
     work = Path(args.model_dir)
     args.model_dir, args.lines_dir = str(work / "standin"), str(work / "lines")

@@ -11,9 +11,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.profiler import ProfilerActivity, profile
 
-from dsocr_lightning.data import OCRDataModule
-from dsocr_lightning.generation import GenerationSettings, generate_tokens
-from dsocr_lightning.loading import LoadSettings, LoraSettings, load_model
+from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.training.loading import LoadSettings, LoraSettings, load_model
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
-    model, tokenizer, _ = load_model(
+    model, tokenizer, *_ = load_model(
         LoadSettings(args.model_dir, "transformers", trust_remote_code=True), LoraSettings()
     )
     model = model.cuda().eval()

@@ -20,9 +20,11 @@ from torch.utils.data import SequentialSampler
 from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
 from unsloth import FastVisionModel
 
-from dsocr_lightning.data import OCRDataModule
-from dsocr_lightning.loading import TARGET_MODULES, count_parameters
-from dsocr_lightning.module import MODEL_KEYS
+from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.families import family
+from dsocr_lightning.training.loading import TARGET_MODULES, count_parameters
+
+MODEL_KEYS = family("v1").forward_keys
 
 
 class Timer(TrainerCallback):

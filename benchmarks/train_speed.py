@@ -5,7 +5,7 @@ python benchmarks/train_speed.py MODEL_DIR LINES_DIR [--runs reference guide_loo
                                  [--json benchmarks/results/train_speed.json]
 
 MODEL_DIR: the random-weight full-size checkpoint (benchmarks/build_random_checkpoint.py); LINES_DIR: an imagefolder
-of synthetic lines (`dsocr_lightning.render.write_imagefolder(LINES_DIR, {"train": 1000, "test": 64}, seed=7)`).
+of synthetic lines (`dsocr_lightning.data.render.write_imagefolder(LINES_DIR, {"train": 1000, "test": 64}, seed=7)`).
 Every run trains on the same unshuffled lines in its own process; ours log `perf/*` each optimizer step and
 profile one micro-batch after warm-up (`--gpu_profile.batch`). Medians leave out the first 3 optimizer steps.
 Rows are appended to (or replace same-named rows of) the JSON, each with the device, the commit, its precision and

@@ -34,7 +34,7 @@ def build_model(folder: Path, tiny: bool) -> None:
     if (folder / "config.json").exists():
         return
     if tiny:
-        from dsocr_lightning.v2.standin import write_v2_standin
+        from dsocr_lightning.families.v2.standin import write_v2_standin
 
         write_v2_standin(folder)
         return
@@ -42,8 +42,8 @@ def build_model(folder: Path, tiny: bool) -> None:
     from transformers import AutoModelForImageTextToText
     from transformers.models.deepseek_ocr2 import DeepseekOcr2ImageProcessorPil, DeepseekOcr2Processor
 
-    from dsocr_lightning.standin.tokenizer import build_tokenizer
-    from dsocr_lightning.v2.config import full_size_config
+    from dsocr_lightning.families.standin_tokenizer import build_tokenizer
+    from dsocr_lightning.families.v2.config import full_size_config
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -86,9 +86,11 @@ def run_reference(args: argparse.Namespace) -> None:
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForImageTextToText, Trainer, TrainerCallback, TrainingArguments
 
-    from dsocr_lightning.data import OCRDataModule
-    from dsocr_lightning.module import V2_MODEL_KEYS
-    from dsocr_lightning.v2.lora import LINEAR_NAMES, target_module_pattern
+    from dsocr_lightning.data.datamodule import OCRDataModule
+    from dsocr_lightning.families import family
+    from dsocr_lightning.families.v2.lora import LINEAR_NAMES, target_module_pattern
+
+    V2_MODEL_KEYS = family("v2").forward_keys
 
     work, dtype = Path(args.work), torch.float32 if args.tiny else torch.bfloat16
     model = AutoModelForImageTextToText.from_pretrained(work / "model", dtype=dtype)
@@ -161,7 +163,7 @@ def main() -> None:
     if args.lines_from and not (work / "lines").exists():  # e.g. lines rendered where there is a Persian font
         shutil.copytree(args.lines_from, work / "lines")
     if not (work / "lines").exists():
-        from dsocr_lightning.render import write_imagefolder
+        from dsocr_lightning.data.render import write_imagefolder
 
         write_imagefolder(work / "lines", {"train": args.lines or 8 * args.steps}, seed=7)
     experts = args.experts or (["grouped_mm"] if args.tiny else ["grouped_mm", "batched_mm", "eager"])
@@ -176,8 +178,8 @@ def main() -> None:
 def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
     import torch
 
-    from dsocr_lightning.v2.config import full_size_config
-    from dsocr_lightning.v2.lora import count_on_meta
+    from dsocr_lightning.families.v2.config import full_size_config
+    from dsocr_lightning.families.v2.lora import count_on_meta
 
     default, _ = count_on_meta(full_size_config())
     with_encoder, _ = count_on_meta(full_size_config(), encoder=True)

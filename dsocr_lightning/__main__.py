@@ -5,12 +5,12 @@ import sys
 # varying length fragmented 58 GiB reserved for 24 GiB allocated at micro-batch 16 on an H100).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from .preimport import import_unsloth_first
+from .training.preimport import import_unsloth_first
 
 
 def run() -> None:
     if sys.argv[1:2] == ["export"]:  # merge an adapter: its own small CLI, no Lightning loop
-        from .export import main as export_main
+        from .files.export import main as export_main
 
         export_main(sys.argv[2:])
         return
@@ -38,7 +38,7 @@ def close_process_group() -> None:
 try:
     run()
 except Exception as error:
-    from .checks import ConfigError
+    from .training.checks import ConfigError
 
     if not isinstance(error, ConfigError):
         raise

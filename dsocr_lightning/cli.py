@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -11,33 +12,34 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .callbacks import BadSamples, SpeedMonitor, StepProgressBar, UnstartedRunCleanup
-from .checkpoint_io import AtomicCheckpointIO
-from .checkpoints import LastCheckpoint
-from .checks import (
+from .data.datamodule import OCRDataModule, check_data_settings
+from .families import family
+from .fast import FastPaths
+from .files.checkpoint_io import AtomicCheckpointIO
+from .files.checkpoints import LastCheckpoint
+from .files.outputs import check_outputs, logger_folder
+from .files.predict import JsonlPredictionWriter
+from .files.runs import RunRecord, announce, best_of, check_resumed_file, find_last, run_record
+from .report.callback import LineReport
+from .training.callbacks import BadSamples, SpeedMonitor, StepProgressBar, UnstartedRunCleanup
+from .training.checks import (
     ConfigError,
     check_accelerator,
-    check_adapter,
     check_checkpointing,
     check_ckpt_path,
     check_model_source,
     check_precision,
     check_ranges,
-    check_trust,
 )
-from .data import OCRDataModule, check_data_settings
-from .module import DeepSeekOCRModule
-from .outputs import check_outputs, logger_folder
-from .plan import RunPlan, decide
-from .predict import JsonlPredictionWriter
-from .preimport import TRAINER_KEYS, several_devices
-from .profiling import GpuProfile
-from .quiet import silence_known_noise
-from .report.callback import LineReport
-from .runs import RunRecord, announce, best_of, check_resumed_file, find_last, run_record
-from .summary import RunSummary
+from .training.loading import LoraSettings
+from .training.module import DeepSeekOCRModule
+from .training.plan import RunPlan, decide
+from .training.preimport import TRAINER_KEYS, several_devices
+from .training.profiling import GpuProfile
+from .training.quiet import silence_known_noise
+from .training.summary import RunSummary
 
 PROG = "python -m dsocr_lightning"
 DESCRIPTION = (
@@ -158,11 +160,11 @@ def resolve_ckpt_path(subcommand: str, config: Any, record: dict[str, Any]) -> N
 def model_version(model: Any) -> str:
     """v1 or v2 from the checkpoint (checked against this environment and the adapter), or, for a stand-in the run
     will write, this environment's."""
-    from .versions import checkpoint_version, environment_version
+    from .families.detect import checkpoint_version, standin_version
 
     name = model["model_name_or_path"]
     if model["make_standin"] and not Path(name).exists():
-        return environment_version() or "v1"
+        return standin_version()
     check_model_source(name, model["revision"])
     try:
         return checkpoint_version(name, model["revision"], model["adapter_path"])
@@ -182,6 +184,17 @@ def hand_plan(config: Any, version: str) -> RunPlan:
     return plan
 
 
+def warn_ignored(model: Any, version: str) -> None:
+    """A setting given that this model family has no use for is named, not dropped without a word."""
+    defaults = {"lora": asdict(LoraSettings()), "fast": asdict(FastPaths())}
+    own = inspect.signature(DeepSeekOCRModule.__init__).parameters
+    for name in family(version).ignores:
+        group, _, key = name.rpartition(".")
+        value = model[group][key] if group else model[key]
+        if value != (defaults[group][key] if group else own[key].default):
+            rank_zero_warn(f"--model.{name} {value} is ignored: DeepSeek-OCR {version} has no use for it")
+
+
 def preflight(subcommand: str, config: Any) -> None:
     """Config and path errors before any tokenizer, data or weights load, each naming its fix."""
     trainer, model = config["trainer"], config["model"]
@@ -189,10 +202,8 @@ def preflight(subcommand: str, config: Any) -> None:
     check_ranges(config)
     version = model_version(model)
     hand_plan(config, version)
-    if version == "v1":  # v2 runs transformers' own code and checks its adapters itself
-        check_trust(model["trust_remote_code"], model["model_name_or_path"])
-        if model["adapter_path"]:
-            check_adapter(model["adapter_path"], model["lora"]["r"], list(model["lora"]["target_modules"]))
+    family(version).preflight(model)
+    warn_ignored(model, version)
     check_data_settings(subcommand, config["data"])
     check_ckpt_path(config.get("ckpt_path"), subcommand)
     check_precision(trainer["precision"])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsocr_lightning.versions import INSTALL, environment_version
+from dsocr_lightning.families import family
+from dsocr_lightning.families.detect import environment_version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
         version = "v2" if V2_TESTS in item.path.parents else "v1"
         item.add_marker(version)
         if version != ENVIRONMENT:
-            reason = f"a {version} test: this environment runs {ENVIRONMENT or 'neither'} ({INSTALL[version]})"
+            reason = f"a {version} test: this environment runs {ENVIRONMENT or 'neither'} ({family(version).install})"
             item.add_marker(pytest.mark.skip(reason=reason))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
@@ -36,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def standin_dir(tmp_path_factory):
-    from dsocr_lightning.standin import write_standin_checkpoint
+    from dsocr_lightning.families.v1.standin import write_standin_checkpoint
 
     # as the demo writes it: lm_head only where a label is learned (the same loss, a CPU step several times faster)
     return write_standin_checkpoint(tmp_path_factory.mktemp("standin") / "ckpt", labelled_logits_only=True)
@@ -45,7 +46,7 @@ def standin_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_routing_dir(tmp_path_factory):
     """The stand-in with DeepSeek-OCR's routing: 64 routed experts, 6 per token, 2 shared."""
-    from dsocr_lightning.standin import write_standin_checkpoint
+    from dsocr_lightning.families.v1.standin import write_standin_checkpoint
 
     return write_standin_checkpoint(tmp_path_factory.mktemp("moe64") / "ckpt", n_routed_experts=64,
                                     num_experts_per_tok=6, n_shared_experts=2)  # fmt: skip
@@ -60,7 +61,7 @@ def tokenizer(standin_dir):
 
 @pytest.fixture(scope="session")
 def lines_dir(tmp_path_factory):
-    from dsocr_lightning.render import write_imagefolder
+    from dsocr_lightning.data.render import write_imagefolder
 
     return write_imagefolder(tmp_path_factory.mktemp("lines") / "data", {"train": 16, "test": 4}, seed=1)
 

@@ -39,7 +39,7 @@ def expected_cers(references: list[str], k: int) -> tuple[float, float]:
 
 def poison(rank: int, step: int) -> None:
     """NaN training losses on `rank` at global `step`."""
-    from dsocr_lightning.module import DeepSeekOCRModule
+    from dsocr_lightning.training.module import DeepSeekOCRModule
 
     forward = DeepSeekOCRModule.forward
 
@@ -53,7 +53,7 @@ def poison(rank: int, step: int) -> None:
 
 
 def install(monkeypatch: Any = None) -> None:
-    from dsocr_lightning import module
+    from dsocr_lightning.training import module
 
     if monkeypatch is None:
         module.transcribe = fake_transcribe

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsocr_lightning.batching import BadSampleError
-from dsocr_lightning.callbacks import BadSamples
-from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.data import OCRDataModule, OCRSamples
-from dsocr_lightning.images import MODES, image_token_count, load_image
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.batching import BadSampleError
+from dsocr_lightning.data.datamodule import OCRDataModule, OCRSamples
+from dsocr_lightning.data.images import MODES, load_image
+from dsocr_lightning.data.render import render_line
+from dsocr_lightning.families.v1.collate import OCRCollator
+from dsocr_lightning.families.v1.images import image_token_count
+from dsocr_lightning.training.callbacks import BadSamples
 
 MIXED = "قیمت ۲۵ هزار تومان for 3 items، می‌خواهم"
 
@@ -124,7 +125,7 @@ def test_mixed_persian_latin_digits_zwnj_round_trip(tokenizer):
 
 
 def test_missing_column_is_named(lines_dir, standin_dir):
-    from dsocr_lightning.checks import ConfigError
+    from dsocr_lightning.training.checks import ConfigError
 
     data = OCRDataModule(str(lines_dir), "imagefolder", "train", None, image_column="image_path",
                          tokenizer_name_or_path=str(standin_dir))  # fmt: skip
@@ -166,8 +167,8 @@ def test_scan_lists_every_bad_sample_before_the_model_loads(manifest, standin_di
 
     from transformers import AutoModel
 
-    from dsocr_lightning.checks import ConfigError
     from dsocr_lightning.cli import main
+    from dsocr_lightning.training.checks import ConfigError
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded before the scan")

@@ -5,9 +5,10 @@ import types
 import pytest
 from PIL import Image
 
-from dsocr_lightning.batching import IGNORE_INDEX
-from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.images import MODES, image_token_count
+from dsocr_lightning.data.batching import IGNORE_INDEX
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.families.v1.collate import OCRCollator
+from dsocr_lightning.families.v1.images import image_token_count
 
 BOS, EOS, PAD, IMG = 0, 1, 2, 128815
 LINE = "سلام\u200cدنیا ۱۲۳"
@@ -60,21 +61,22 @@ def test_right_padding_needs_no_mask(real_routing_dir):
     the masked ones."""
     from test_fast_moe import assert_rel_close, batch_of, lora_grads, lora_model
 
-    from dsocr_lightning.module import MODEL_KEYS, DeepSeekOCRModule
+    from dsocr_lightning.families import family
+    from dsocr_lightning.training.module import DeepSeekOCRModule
 
     model, tokenizer = lora_model(real_routing_dir, grouped=True)
     batch = batch_of(tokenizer, ["سلام دنیا و یک خط بلند", "آب"])
     assert batch["right_padded"] and not batch["attention_mask"].all()
     seen = {}
     fake = types.SimpleNamespace(
-        backend="transformers", graph_pad=0, version="v1", model=lambda **kw: seen.update(kw) or model(**kw)
+        backend="transformers", graph_pad=0, family=family("v1"), model=lambda **kw: seen.update(kw) or model(**kw)
     )
     loss = DeepSeekOCRModule.forward(fake, batch).loss
     assert seen["attention_mask"] is None
     loss.backward()
     unmasked = lora_grads(model)
     model.zero_grad()
-    masked = model(**{k: batch[k] for k in MODEL_KEYS}).loss
+    masked = model(**{k: batch[k] for k in family("v1").forward_keys}).loss
     masked.backward()
     assert loss.item() == pytest.approx(masked.item(), rel=1e-6)
     for name, grad in lora_grads(model).items():

@@ -8,10 +8,12 @@ import pytest
 import torch
 from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_model
 
+from dsocr_lightning.families import family
 from dsocr_lightning.fast import FastPaths, compiled_layers_line
 from dsocr_lightning.fast.compiled_layers import compile_layers
 from dsocr_lightning.fast.layout import decoder_layers
-from dsocr_lightning.module import MODEL_KEYS
+
+MODEL_KEYS = family("v1").forward_keys
 
 
 def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:

@@ -38,8 +38,8 @@ def test_print_config_of_each_subcommand_loads_nothing(capsys, subcommand):
 def test_the_mode_names_are_the_modes():
     from typing import get_args
 
-    from dsocr_lightning.data import ModeName
-    from dsocr_lightning.images import MODES
+    from dsocr_lightning.data.datamodule import ModeName
+    from dsocr_lightning.data.images import MODES
 
     assert set(get_args(ModeName)) == set(MODES)
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dsocr_lightning.data import OCRDataModule, detect_source, parse_split
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.datamodule import OCRDataModule, detect_source, parse_split
+from dsocr_lightning.data.render import render_line
 
 
 def test_parse_split():

@@ -27,7 +27,7 @@ STEPS = 4  # optimizer steps of global batch 4 (batch 1 x accumulation 4/process
 @pytest.fixture(scope="module")
 def odd_lines(tmp_path_factory):
     """5 validation lines: 2 ranks get 3 and 2, so a padding sampler would count one line twice."""
-    from dsocr_lightning.render import write_imagefolder
+    from dsocr_lightning.data.render import write_imagefolder
 
     return write_imagefolder(tmp_path_factory.mktemp("odd") / "data", {"train": 16, "test": 5}, seed=1)
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsocr_lightning.checks import ConfigError, check_precision
 from dsocr_lightning.cli import main
 from dsocr_lightning.fast import FastPaths
-from dsocr_lightning.module import DeepSeekOCRModule
-from dsocr_lightning.plan import RunPlan
-from dsocr_lightning.preimport import choose_backend
+from dsocr_lightning.training.checks import ConfigError, check_precision
+from dsocr_lightning.training.module import DeepSeekOCRModule
+from dsocr_lightning.training.plan import RunPlan
+from dsocr_lightning.training.preimport import choose_backend
 
 ROOT = Path(__file__).parents[1]
 
@@ -171,7 +171,7 @@ def test_plain_ddp_with_the_per_expert_loop_says_which_strategy(standin_dir, lin
     refused at the start of fit with the strategy to use (DDP itself would fail a step later, at length)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from dsocr_lightning.module import check_data_parallel
+    from dsocr_lightning.training.module import check_data_parallel
 
     cli = main(fit_args(standin_dir, lines_dir, "--model.fast.grouped_experts", "loop")[1:], run=False)
     cli.model.trainer = cli.trainer
@@ -213,7 +213,7 @@ def test_out_of_memory_names_the_remedies():
 
 
 def test_more_gpus_than_the_machine_has(monkeypatch):
-    from dsocr_lightning.checks import check_accelerator
+    from dsocr_lightning.training.checks import check_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsocr_lightning.checks import ConfigError
 from dsocr_lightning.cli import main
+from dsocr_lightning.training.checks import ConfigError
 
 ROOT = Path(__file__).parents[1]
 STEPS = 4

@@ -14,13 +14,17 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from dsocr_lightning import standin  # its checkpoint writer imports v1's model classes on first use: collected anywhere
-from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.export import export, merge_lora_layers, report_rounding
-from dsocr_lightning.images import MODES
-from dsocr_lightning.loading import TARGET_MODULES, LoadSettings, LoraSettings, load_model
-from dsocr_lightning.module import save_adapter
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.data.render import render_line
+from dsocr_lightning.families.v1 import (
+    standin,  # its checkpoint writer imports v1's model classes on first use: collected anywhere
+)
+from dsocr_lightning.families.v1.collate import OCRCollator
+from dsocr_lightning.families.v1.export import merge_lora_layers
+from dsocr_lightning.files.export import export
+from dsocr_lightning.files.rounding import report_rounding
+from dsocr_lightning.training.loading import TARGET_MODULES, LoadSettings, LoraSettings, load_model
+from dsocr_lightning.training.module import save_adapter
 
 KEYS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
 ROOT = Path(__file__).parents[1]
@@ -98,7 +102,7 @@ EXPORT_MEMORY = """
 import sys
 from peft import PeftModel, get_peft_model  # the libraries' own memory is no part of what export needs
 from transformers import AutoModel, AutoTokenizer
-from dsocr_lightning.export import main
+from dsocr_lightning.files.export import main
 
 def status(key):  # kB; VmHWM: this process's peak RSS (ru_maxrss would include the forking parent's)
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
@@ -134,7 +138,7 @@ def test_export_of_a_16bit_base_peaks_near_its_size(tmp_path):
 def test_adapter_names_its_base_from_any_working_folder(standin_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(standin_dir.parent)  # the user trains with a relative folder, e.g. ./deepseek_ocr
     settings = LoadSettings(standin_dir.name, "transformers", trust_remote_code=True)
-    model, tokenizer, _ = load_model(settings, LoraSettings())
+    model, tokenizer, *_ = load_model(settings, LoraSettings())
     save_adapter(model, tokenizer, tmp_path / "adapter")
     monkeypatch.chdir(tmp_path)  # ... and loads the adapter somewhere else
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -21,7 +21,7 @@ import torch
 from cli_run import ROOT, demo_args, error_line, read_only, run_cli, snapshot
 from PIL import Image
 
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.render import render_line
 
 
 def refused(args: list[str], cwd: Path, watched: list[Path], pattern: str, env: dict | None = None,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_fast_moe import batch_of, lora_model
 
-from dsocr_lightning.collate import OCRCollator
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.families.v1.collate import OCRCollator
 from dsocr_lightning.fast.decode import banned_ngram_mask, banned_ngram_mask_reference, output_width
-from dsocr_lightning.generation import GenerationSettings, generate_tokens
-from dsocr_lightning.images import MODES
+from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
 
 LINES = ["سلام دنیا", "کتاب ۱۲ و یک خط بلندتر از همه", "آب"]
 
@@ -65,7 +65,9 @@ def test_rows_that_end_early(model_and_tokenizer):
     ends = types.SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=int(free[1, 4]))
     got, expected = both(model, ends, batch, 30, 3)
     assert (expected[1, 5:] == tokenizer.pad_token_id).all() and torch.equal(got, expected)
-    one = {k: v[1:2] if hasattr(v, "__getitem__") else v for k, v in batch.items()}  # tensors, lists; flags as they are
+    one = {
+        k: v[1:2] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()
+    }  # flags, names as they are
     got, expected = both(model, ends, one, 30, 3)  # its only row ends: generate stops after 5 tokens
     assert expected.shape == (1, 5) and torch.equal(got, expected)
 

@@ -10,15 +10,17 @@ import importlib.util
 import pytest
 import torch
 
-from dsocr_lightning.collate import OCRCollator
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.data.render import render_line
+from dsocr_lightning.families import family
+from dsocr_lightning.families.v1.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.fast.grouped_mm import grouped_mm, grouped_mm_reference, route
 from dsocr_lightning.fast.moe import grouped_kernel, is_picks, moe_layers
-from dsocr_lightning.generation import GenerationSettings, generate_tokens
-from dsocr_lightning.images import MODES
-from dsocr_lightning.loading import LoadSettings, LoraSettings, count_parameters, load_model
-from dsocr_lightning.module import MODEL_KEYS
-from dsocr_lightning.render import render_line
+from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
+from dsocr_lightning.training.loading import LoadSettings, LoraSettings, count_parameters, load_model
+
+MODEL_KEYS = family("v1").forward_keys
 
 REL = 1e-5
 # torch's grouped matmul and this project's Triton kernels (on the CPU: Triton's interpreter, tests/conftest.py, ~100x
@@ -38,7 +40,7 @@ def lora_model(folder, grouped: bool | str, dropout: float = 0.0):
     """The stand-in with LoRA; `grouped`: True (torch's kernel), False (the loop) or a kernel name."""
     kernel = grouped if isinstance(grouped, str) else ("native" if grouped else "loop")
     settings = LoadSettings(str(folder), "transformers", True, fast=FastPaths(grouped_experts=kernel))
-    model, tokenizer, _ = load_model(settings, LoraSettings(dropout=dropout))
+    model, tokenizer, *_ = load_model(settings, LoraSettings(dropout=dropout))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for name, param in model.named_parameters():
@@ -208,15 +210,15 @@ def test_lora_dropout_acts_on_the_grouped_path(real_routing_dir):
 def test_auto_picks_the_fused_kernel_each_gpu_has(monkeypatch, real_routing_dir, capability, dtype, kernel):
     """`auto`: torch's kernel where it is one CUTLASS kernel (Hopper, bf16), the Triton kernels on every other NVIDIA
     GPU from Turing on (bf16 from Ampere), else the loop, and then Unsloth as the backend."""
+    from dsocr_lightning.families.v1.loading import resolve_backend
     from dsocr_lightning.fast import apply_fast_paths, expert_kernel
-    from dsocr_lightning.loading import resolve_backend
 
     if importlib.util.find_spec("triton") is None and kernel == "triton":
         kernel = "loop"  # no Triton in this environment: auto says so and runs the loop
     model, _ = lora_model(real_routing_dir, grouped=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("dsocr_lightning.loading.unsloth_available", lambda: True)
+    monkeypatch.setattr("dsocr_lightning.families.v1.loading.unsloth_available", lambda: True)
     cuda = torch.device("cuda")
     assert expert_kernel(FastPaths(), cuda, dtype).name == kernel
     lines = apply_fast_paths(model, FastPaths(), cuda, dtype)

@@ -12,11 +12,11 @@ from fake_generation import dropped_chars, expected_cers, install
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dsocr_lightning.cli import main
-from dsocr_lightning.data import OCRDataModule
-from dsocr_lightning.loading import count_parameters
-from dsocr_lightning.standin import expected_lora_params
-from dsocr_lightning.summary import RunSummary
-from dsocr_lightning.trainables import reference_layout
+from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.families.v1.standin import expected_lora_params
+from dsocr_lightning.training.loading import count_parameters
+from dsocr_lightning.training.summary import RunSummary
+from dsocr_lightning.training.trainables import reference_layout
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 UMASK = os.umask(0o022)
@@ -165,7 +165,7 @@ def test_saved_adapter_reloads_with_peft(fitted, standin_dir, lines_dir):
 def test_export_takes_either_adapter_or_a_checkpoint(fitted, tmp_path):
     from safetensors.torch import load_file
 
-    from dsocr_lightning.export import main as export_main
+    from dsocr_lightning.files.export import main as export_main
 
     run = Path(fitted.trainer.log_dir)
     best_ckpt = next((run / "checkpoints").glob("best-*.ckpt"))

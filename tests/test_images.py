@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dsocr_lightning.images import MODES, Mode, candidate_grids, choose_grid, image_token_count, preprocess
+from dsocr_lightning.data.images import MODES, Mode
+from dsocr_lightning.families.v1.images import candidate_grids, choose_grid, image_token_count, preprocess
 
 
 @pytest.mark.parametrize(

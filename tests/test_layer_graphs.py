@@ -9,18 +9,19 @@ import torch
 from test_fast_decode import noise_image
 from test_fast_moe import REL, assert_rel_close, batch_of, lora_grads, lora_model
 
-from dsocr_lightning.collate import OCRCollator
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.families import family
+from dsocr_lightning.families.v1.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths, compiled_layers_line
 from dsocr_lightning.fast.compiled_layers import compile_layers
 from dsocr_lightning.fast.layer_graphs import graphs_active, layer_graph_blocker, pad_length, stable_grads
-from dsocr_lightning.images import MODES
-from dsocr_lightning.module import DeepSeekOCRModule
+from dsocr_lightning.training.module import DeepSeekOCRModule
 
 
 def module_loss(model, tokenizer, batch, graph_pad: int) -> torch.Tensor:
     """The module's training forward (padding included) on `model`, without a Trainer."""
     fake = types.SimpleNamespace(backend="transformers", model=model, graph_pad=graph_pad, training=True,
-                                 tokenizer=tokenizer, version="v1")  # fmt: skip
+                                 tokenizer=tokenizer, family=family("v1"))  # fmt: skip
     return DeepSeekOCRModule.forward(fake, batch).loss
 
 

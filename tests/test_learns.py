@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from torchmetrics.functional.text import char_error_rate
 
-from dsocr_lightning.batching import IGNORE_INDEX
 from dsocr_lightning.cli import main
-from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.generation import generate_texts
-from dsocr_lightning.render import write_imagefolder
-from dsocr_lightning.summary import RunSummary
+from dsocr_lightning.data.batching import IGNORE_INDEX
+from dsocr_lightning.data.render import write_imagefolder
+from dsocr_lightning.families.v1.collate import OCRCollator
+from dsocr_lightning.training.generation import generate_texts
+from dsocr_lightning.training.summary import RunSummary
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 LINES = 8  # one batch: every optimizer step sees every line

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from dsocr_lightning.line_metrics import LineMetrics, Loop, LoopSettings, find_loop, trailing_copies
+from dsocr_lightning.training.line_metrics import LineMetrics, Loop, LoopSettings, find_loop, trailing_copies
 
 RULE = LoopSettings(min_repeats=3, min_chars=10)
 WORD = " دنیا"  # 5 characters: a space and a word
@@ -76,7 +76,7 @@ def test_line_metrics_against_hand_computed_values():
 
 
 def test_transcribe_says_which_lines_ran_to_the_cap(tokenizer, monkeypatch):
-    from dsocr_lightning import generation
+    from dsocr_lightning.training import generation
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     word = tokenizer.encode("سلام", add_special_tokens=False)

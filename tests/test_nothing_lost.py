@@ -15,8 +15,8 @@ import torch
 from cli_run import demo_args, error_line, read_only, run_cli, snapshot
 
 from dsocr_lightning.cli import main
-from dsocr_lightning.folders import MANIFEST, write_manifest
-from dsocr_lightning.runs import RECORD_KEY
+from dsocr_lightning.files.folders import MANIFEST, write_manifest
+from dsocr_lightning.files.runs import RECORD_KEY
 
 RUN = Path("lightning_logs/version_0")
 
@@ -123,7 +123,7 @@ def test_read_only_adapter_dir_is_refused_before_the_run(project, standin_dir, l
 
 def test_adapter_dir_keeps_files_that_appeared_during_the_run(tmp_path):
     """Checked again when the run ends: a file that appeared there meanwhile keeps the folder as it is (warned)."""
-    from dsocr_lightning.module import DeepSeekOCRModule
+    from dsocr_lightning.training.module import DeepSeekOCRModule
 
     target = tmp_path / "adapter"
     target.mkdir()

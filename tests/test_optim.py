@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dsocr_lightning.optim import ReferenceLayout, build_optimizer, linear_warmup_decay
+from dsocr_lightning.training.optim import ReferenceLayout, build_optimizer, linear_warmup_decay
 
 
 def lrs_over(steps: int, warmup: int = 5, total: int = 60) -> list[float]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from fake_generation import dropped_chars, install
 
-from dsocr_lightning.batching import BadSampleError
 from dsocr_lightning.cli import main
-from dsocr_lightning.predict import JsonlPredictionWriter, expand_inputs
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.batching import BadSampleError
+from dsocr_lightning.data.render import render_line
+from dsocr_lightning.files.predict import JsonlPredictionWriter, expand_inputs
 
 LINE = "می\u200cخواهم ۱۲"
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -93,7 +93,7 @@ def test_error_policy_stops_and_leaves_no_partial_file(standin_dir, lines_dir, i
 
 
 def test_writer_counts_the_wait_between_batches_but_not_before_the_first(tmp_path, monkeypatch):
-    from dsocr_lightning import predict
+    from dsocr_lightning.files import predict
 
     clock = iter([0.0, 10.0, 10.5, 12.0, 13.0])  # start, batch 0 end, batch 1 start, batch 1 end, batch 2 start
     monkeypatch.setattr(predict.time, "perf_counter", lambda: next(clock))

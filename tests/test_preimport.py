@@ -4,7 +4,9 @@ import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
-from dsocr_lightning.preimport import backend_from_argv, requested, runs_on_several_devices
+import pytest
+
+from dsocr_lightning.training.preimport import backend_from_argv, requested, runs_on_several_devices
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -55,15 +57,16 @@ def test_the_run_plan_is_decided_once_and_handed_to_model_and_data(standin_dir, 
     line, and the module and the data module follow that plan instead of deciding again."""
     from test_errors import fit_args
 
-    from dsocr_lightning import data, versions
     from dsocr_lightning.cli import main
+    from dsocr_lightning.data import datamodule
+    from dsocr_lightning.families import detect
 
     cli = main(fit_args(standin_dir, lines_dir)[1:], run=False)
     plan = cli.model.plan
     assert (plan.version, plan.backend, plan.experts, plan.compute_dtype) == ("v1", "transformers", "native", "float32")
     assert dict(cli.datamodule.hparams.plan) == asdict(plan)  # (a plain mapping in the data module's hparams)
     calls = []
-    for module in (versions, data):  # the version is not read from config.json again
+    for module in (detect, datamodule):  # the version is not read from config.json again
         monkeypatch.setattr(module, "checkpoint_version", lambda *args, **kwargs: calls.append(args))
     cli.datamodule.setup("fit")
     cli.model.trainer = cli.trainer
@@ -72,3 +75,17 @@ def test_the_run_plan_is_decided_once_and_handed_to_model_and_data(standin_dir, 
     assert "run plan: DeepSeek-OCR v1, transformers, experts: native kernel, computing in float32" in caplog.text
     assert {grouped for grouped in (getattr(m, "_grouped_kernel", None) for m in cli.model.model.modules())} >= {
         "native"}  # fmt: skip
+
+
+def test_a_setting_the_family_does_not_use_is_named(standin_dir, lines_dir, caplog):
+    """v2's LoRA options given to a v1 run: each named as ignored before anything loads, the rest silent."""
+    from test_errors import fit_args
+
+    from dsocr_lightning.cli import main
+
+    args = fit_args(standin_dir, lines_dir, "--model.lora.encoder", "true", "--model.lora.experts", "fused")
+    with pytest.warns(UserWarning) as warned:
+        main(args[1:], run=False)
+    named = [str(w.message) for w in warned if "is ignored" in str(w.message)]
+    assert named == ["--model.lora.experts fused is ignored: DeepSeek-OCR v1 has no use for it",
+                     "--model.lora.encoder True is ignored: DeepSeek-OCR v1 has no use for it"]  # fmt: skip

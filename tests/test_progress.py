@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from dsocr_lightning.callbacks import StepProgressBar
 from dsocr_lightning.cli import main
+from dsocr_lightning.training.callbacks import StepProgressBar
 
 ROOT = Path(__file__).parents[1]
 

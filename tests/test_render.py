@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dsocr_lightning.render import DIGITS, STRIP_CELL, STRIP_CELLS, render_digit_strip, write_imagefolder
+from dsocr_lightning.data.render import DIGITS, STRIP_CELL, STRIP_CELLS, render_digit_strip, write_imagefolder
 
 
 def ink_per_cell(text: str) -> np.ndarray:

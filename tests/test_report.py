@@ -20,17 +20,17 @@ from fake_generation import dropped_chars, install
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dsocr_lightning.checks import ConfigError
 from dsocr_lightning.cli import main
-from dsocr_lightning.line_metrics import Loop
-from dsocr_lightning.metrics import sample_cer
-from dsocr_lightning.render import render_line
+from dsocr_lightning.data.render import render_line
 from dsocr_lightning.report import align as align_module
 from dsocr_lightning.report.align import align
 from dsocr_lightning.report.callback import free_path
 from dsocr_lightning.report.cli import report
 from dsocr_lightning.report.histogram import BINS, bin_of
 from dsocr_lightning.report.marks import marked
+from dsocr_lightning.training.checks import ConfigError
+from dsocr_lightning.training.line_metrics import Loop
+from dsocr_lightning.training.metrics import sample_cer
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"

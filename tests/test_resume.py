@@ -19,10 +19,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dsocr_lightning.checkpoint_io import AtomicCheckpointIO
 from dsocr_lightning.cli import main
-from dsocr_lightning.folders import write_manifest
-from dsocr_lightning.module import DeepSeekOCRModule, save_adapter
+from dsocr_lightning.files.checkpoint_io import AtomicCheckpointIO
+from dsocr_lightning.files.folders import write_manifest
+from dsocr_lightning.training.module import DeepSeekOCRModule, save_adapter
 
 ROOT = Path(__file__).parents[1]
 STEPS = 12
@@ -153,7 +153,7 @@ def test_crashes_at_each_kind_of_resume_point_resume_exactly(straight, standin_d
 
 
 def test_resume_before_any_checkpoint_names_the_cadence(standin_dir, lines_dir, tmp_path):
-    from dsocr_lightning.checks import ConfigError
+    from dsocr_lightning.training.checks import ConfigError
 
     with pytest.raises(ConfigError, match=r"no version_\*/checkpoints/last.ckpt .* every 10 optimizer steps"):
         main([*fit_args(standin_dir, lines_dir, tmp_path), "--ckpt_path", "last"])

@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from dsocr_lightning import standin  # its checkpoint writer imports v1's model classes on first use: collected anywhere
-from dsocr_lightning.standin import expected_lora_params, image_token_count, write_tokenizer
+from dsocr_lightning.families.v1 import (
+    standin,  # its checkpoint writer imports v1's model classes on first use: collected anywhere
+)
+from dsocr_lightning.families.v1.standin import expected_lora_params, image_token_count, write_tokenizer
 
 IMAGE = 128815
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

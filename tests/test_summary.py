@@ -1,6 +1,6 @@
 """The end-of-fit summary: steps, val/cer first -> last and best, adapter folders, logs, TensorBoard command."""
 
-from dsocr_lightning.summary import RunFacts, RunSummary, summary_lines
+from dsocr_lightning.training.summary import RunFacts, RunSummary, summary_lines
 
 
 def test_summary_lines():

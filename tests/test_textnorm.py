@@ -2,8 +2,8 @@
 
 import pytest
 
-from dsocr_lightning.metrics import CERMetrics
-from dsocr_lightning.textnorm import normalize_persian
+from dsocr_lightning.training.metrics import CERMetrics
+from dsocr_lightning.training.textnorm import normalize_persian
 
 ZWNJ = "\u200c"
 

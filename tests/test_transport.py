@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dsocr_lightning.collate import OCRCollator
-from dsocr_lightning.data import OCRDataModule
-from dsocr_lightning.images import MODES, to_tensor
-from dsocr_lightning.render import render_line
-from dsocr_lightning.transport import PIXEL_OF_BYTE, compact, expand, to_bytes
+from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.data.render import render_line
+from dsocr_lightning.families.v1.collate import OCRCollator
+from dsocr_lightning.families.v1.images import to_tensor
+from dsocr_lightning.families.v1.transport import PIXEL_OF_BYTE, compact, expand, to_bytes
 
 
 def batches(tokenizer) -> tuple[dict, dict]:
@@ -56,8 +57,10 @@ def test_a_compacted_batch_never_reaches_the_model(tokenizer):
     """If the data module's hook did not run, the module refuses the bytes instead of feeding them as pixels."""
     import types
 
-    from dsocr_lightning.module import DeepSeekOCRModule
+    from dsocr_lightning.families import family
+    from dsocr_lightning.training.module import DeepSeekOCRModule
 
     compacted = compact(batches(tokenizer)[0])
+    fake = types.SimpleNamespace(base_dtype=torch.float32, family=family("v1"))
     with pytest.raises(RuntimeError, match="on_after_batch_transfer"):
-        DeepSeekOCRModule.to_base_dtype(types.SimpleNamespace(base_dtype=torch.float32), compacted)
+        DeepSeekOCRModule.to_base_dtype(fake, compacted)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from dsocr_lightning.checks import ConfigError
-from dsocr_lightning.loading import LoadSettings, LoraSettings
-from dsocr_lightning.versions import adapter_version, detect_version, environment_version, load_model, version_of_config
+from dsocr_lightning.families.detect import adapter_version, detect_version, environment_version, version_of_config
+from dsocr_lightning.training.checks import ConfigError
+from dsocr_lightning.training.loading import LoadSettings, LoraSettings, load_model
 
 V2_CONFIG = {"model_type": "deepseek_ocr2", "architectures": ["DeepseekOcr2ForConditionalGeneration"]}
 REMOTE_V2 = {"model_type": "deepseek_vl_v2", "vision_config": {"model_name": "deepencoderv2",
@@ -59,7 +59,7 @@ def test_a_v2_adapter_on_the_v1_base_fails(standin_dir, tmp_path):
 
 
 def test_export_of_a_v2_adapter_says_what_to_install(tmp_path):
-    from dsocr_lightning.export import export
+    from dsocr_lightning.files.export import export
 
     adapter = folder_with(tmp_path, "adapter", {})
     (adapter / "adapter_config.json").write_text(json.dumps({"target_parameters": ["experts.gate_up_proj"]}))

@@ -12,8 +12,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..line_metrics import LoopSettings, find_loop
-from ..metrics import sample_cer
+from ..training.line_metrics import LoopSettings, find_loop
+from ..training.metrics import sample_cer
 from .lines import Line, figures, gather_lines
 from .page import ImageOf, Side, write_report
 from .provenance import code_commit

@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..checks import ConfigError
-from ..line_metrics import LoopSettings, find_loop
-from ..metrics import sample_cer
+from ..training.checks import ConfigError
+from ..training.line_metrics import LoopSettings, find_loop
+from ..training.metrics import sample_cer
 from .lines import Line, figures
 from .page import Side, write_report
 from .provenance import code_commit

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics.functional.text import word_error_rate
 
-from ..line_metrics import Loop, is_exact, length_ratio
+from ..training.line_metrics import Loop, is_exact, length_ratio
 
 
 @dataclass

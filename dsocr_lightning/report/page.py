@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ..line_metrics import Loop
+from ..training.line_metrics import Loop
 from .align import Op, align, confusions
 from .histogram import COLOURS, histogram_svg
 from .lines import Figures, Line, figures, worst_first

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..checks import ConfigError
-from ..images import load_image
+from ..data.images import load_image
+from ..training.checks import ConfigError
 
 
 @dataclass

@@ -11,14 +11,14 @@ PAGES = {"line": (255, 48), "wide": (2000, 600), "tall": (600, 2000)}
 
 @pytest.fixture(scope="session")
 def v2_dir(tmp_path_factory):
-    from dsocr_lightning.v2.standin import write_v2_standin
+    from dsocr_lightning.families.v2.standin import write_v2_standin
 
     return write_v2_standin(tmp_path_factory.mktemp("v2") / "ckpt")
 
 
 @pytest.fixture(scope="session")
 def processor(v2_dir):
-    from dsocr_lightning.v2.loading import load_processor
+    from dsocr_lightning.families.v2.loading import load_processor
 
     return load_processor(str(v2_dir))
 

@@ -147,9 +147,9 @@ def test_export_merges_the_trained_adapter(straight, v2_dir, processor, pages, t
     """A plain checkpoint (no peft needed) whose logits are the base's with the trained adapter."""
     from transformers import AutoModelForImageTextToText
 
-    from dsocr_lightning.v2.collate import ProcessorCollator
-    from dsocr_lightning.v2.loading import peft_model_from_adapter
-    from dsocr_lightning.v2.lora import split_experts
+    from dsocr_lightning.families.v2.collate import ProcessorCollator
+    from dsocr_lightning.families.v2.loading import peft_model_from_adapter
+    from dsocr_lightning.families.v2.lora import split_experts
 
     run_dir, _ = straight
     out = tmp_path / "merged"

@@ -4,9 +4,9 @@ page, and the model accepts them (its own placeholder check)."""
 import pytest
 import torch
 
-from dsocr_lightning.batching import IGNORE_INDEX, BadSample
-from dsocr_lightning.images import MODES
-from dsocr_lightning.v2.collate import ProcessorCollator
+from dsocr_lightning.data.batching import IGNORE_INDEX, BadSample
+from dsocr_lightning.data.images import MODES
+from dsocr_lightning.families.v2.collate import ProcessorCollator
 
 pytestmark = pytest.mark.v2
 
@@ -66,7 +66,7 @@ def test_the_model_takes_the_batch(v2_dir, processor, pages):
 
 
 def test_bad_samples_follow_the_policy(processor, pages):
-    from dsocr_lightning.batching import BadSampleError
+    from dsocr_lightning.data.batching import BadSampleError
 
     samples = [{"image": pages["line"], "text": "ok", "index": 0}, {"image": None, "text": " ", "index": 1}]
     with pytest.raises(BadSampleError, match="index 1"):
@@ -78,7 +78,7 @@ def test_bad_samples_follow_the_policy(processor, pages):
 def test_both_families_share_the_bookkeeping(processor, pages):
     """v1's collator and v2's differ only in their images: on the same samples (one of them bad) both give the same
     texts, indices, paths, skipped reports and learned labels."""
-    from dsocr_lightning.collate import OCRCollator
+    from dsocr_lightning.families.v1.collate import OCRCollator
 
     samples = [{"image": pages["line"], "text": f"t{i}", "index": 10 + i, "path": f"{i}.png"} for i in range(3)]
     samples[1] |= {"text": " "}
@@ -93,7 +93,7 @@ def test_both_families_share_the_bookkeeping(processor, pages):
 
 def test_the_scan_lists_every_bad_sample_whatever_the_policy(processor, pages):
     """The pre-scan runs the collator it is given (no copy with another policy, whose setup could differ)."""
-    from dsocr_lightning.scan import scan_samples
+    from dsocr_lightning.data.scan import scan_samples
 
     samples = [{"image": pages["line"], "text": "ok", "index": 0}, {"image": "missing.png", "text": "x", "index": 1},
                {"image": pages["line"], "text": "", "index": 2}]  # fmt: skip

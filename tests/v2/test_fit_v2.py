@@ -95,7 +95,7 @@ def test_adapter_path_restores_the_trained_model(fitted, v2_dir, lines_dir, tmp_
 
 
 def test_batched_generation_matches_one_at_a_time(fitted, lines_dir):
-    from dsocr_lightning.generation import GenerationSettings, generate_tokens
+    from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
 
     data = fitted.datamodule
     samples = [data.datasets["test[:4]"][i] for i in range(3)]
@@ -109,7 +109,7 @@ def test_batched_generation_matches_one_at_a_time(fitted, lines_dir):
 def test_export_merges_into_a_plain_native_checkpoint(fitted, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from dsocr_lightning.export import export
+    from dsocr_lightning.files.export import export
 
     adapter = Path(fitted.trainer.log_dir) / "lora_model"
     out = export(str(adapter), str(tmp_path / "merged"), dtype="float32")

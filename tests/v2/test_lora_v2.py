@@ -5,7 +5,7 @@ compose with it, and a merge folds it back into the model's own layout."""
 import pytest
 import torch
 
-from dsocr_lightning.v2.lora import (
+from dsocr_lightning.families.v2.lora import (
     adapted_groups,
     apply_lora,
     expert_coverage,
@@ -20,8 +20,8 @@ KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_l
 
 @pytest.fixture(scope="module")
 def batch(processor, pages):
-    from dsocr_lightning.images import MODES
-    from dsocr_lightning.v2.collate import ProcessorCollator
+    from dsocr_lightning.data.images import MODES
+    from dsocr_lightning.families.v2.collate import ProcessorCollator
 
     out = ProcessorCollator(processor, mode=MODES["gundam"])([{"image": pages[n], "text": n} for n in ("line", "line")])
     return {k: out[k] for k in KEYS}  # two lines: 2 x 268 tokens through the experts, no crops (quick on a CPU)
@@ -61,8 +61,8 @@ def test_every_moe_layer_reached(v2_dir):
 
 
 def test_full_size_counts_on_meta():
-    from dsocr_lightning.v2.config import full_size_config
-    from dsocr_lightning.v2.lora import count_on_meta
+    from dsocr_lightning.families.v2.config import full_size_config
+    from dsocr_lightning.families.v2.lora import count_on_meta
 
     total, groups = count_on_meta(full_size_config(), encoder=True)
     encoder = groups.pop("Qwen2 encoder (attention + MLP)")
@@ -119,7 +119,7 @@ def saved_and_plain(v2_dir, layout, folder, key_mapping):
     """(the project's loader, plain `PeftModel.from_pretrained`) on one saved adapter of `layout`."""
     from peft import PeftModel
 
-    from dsocr_lightning.v2.loading import peft_model_from_adapter
+    from dsocr_lightning.families.v2.loading import peft_model_from_adapter
 
     lora_model(v2_dir, layout, encoder=True).save_pretrained(folder)
     models = [tiny(v2_dir), tiny(v2_dir)]

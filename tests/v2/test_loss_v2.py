@@ -54,9 +54,11 @@ def hf_trainer(v2_dir, lines_dir, work: Path, start: dict, loss_kwargs: bool | N
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForImageTextToText, Trainer, TrainerCallback, TrainingArguments
 
-    from dsocr_lightning.data import OCRDataModule
-    from dsocr_lightning.module import V2_MODEL_KEYS
-    from dsocr_lightning.v2.lora import apply_lora, peft_config
+    from dsocr_lightning.data.datamodule import OCRDataModule
+    from dsocr_lightning.families import family
+    from dsocr_lightning.families.v2.lora import apply_lora, peft_config
+
+    V2_MODEL_KEYS = family("v2").forward_keys
 
     model = AutoModelForImageTextToText.from_pretrained(v2_dir, dtype=torch.float32)
     model = apply_lora(model, peft_config(16, 16, 0.0, False, "split", False), "split")
@@ -119,7 +121,7 @@ def test_the_mean_of_micro_batch_means_is_told_apart(ours, v2_dir, lines_dir, tm
 def test_each_batch_carries_its_steps_label_tokens():
     """Groups end where Lightning steps the optimizer (every 3rd batch of the epoch, and its last), also when a resumed
     epoch starts mid-way; position 0 is never learned by the shifted loss, so it is not counted."""
-    from dsocr_lightning.sampling import ResumableLoader, ShardedEpochSampler
+    from dsocr_lightning.data.sampling import ResumableLoader, ShardedEpochSampler
 
     learned = [1, 2, 3, 4, 5, 6, 7, 8]  # label tokens of the 8 micro-batches
     rows = [torch.tensor([[5] + [7] * n + [-100] * (9 - n)]) for n in learned]  # position 0 a label, not counted

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dsocr_lightning.versions import checkpoint_version, detect_version, environment_version, load_text_side
+from dsocr_lightning.families.detect import checkpoint_version, detect_version, environment_version
 
 pytestmark = pytest.mark.v2
 V1_CONFIG = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekOCRForCausalLM"],
@@ -23,7 +23,7 @@ def test_the_stand_in_is_v2(v2_dir):
 def test_a_v1_checkpoint_fails_before_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(V1_CONFIG))  # no weights at all: they are never reached
     with pytest.raises(RuntimeError, match=r"v1 checkpoint .* Install `\.\[v1\]` in its own environment"):
-        load_text_side(str(tmp_path))
+        checkpoint_version(str(tmp_path))
 
 
 def test_a_v1_adapter_on_the_v2_base_fails(v2_dir, tmp_path):
