@@ -5,7 +5,7 @@ python benchmarks/v2_fit.py WORK_DIR --tiny                                     
 
 Needs the v2 environment (`pip install -e ".[v2,test]"`). Builds the model into WORK_DIR/model unless it is there:
 the full-size DeepSeek-OCR 2 with **random weights** (transformers' own classes at the public checkpoint's sizes,
-`dsocr_lightning/v2/config.py`; the stand-in character tokenizer with the real special-token ids), or with `--tiny`
+`dsocr_lightning/families/v2/config.py`; the stand-in character tokenizer with the real special-token ids), or with `--tiny`
 the tiny stand-in. Renders unshuffled synthetic lines into WORK_DIR/lines. Then, each in its own process, on the same
 batches (the package's collator, in order): our fit once per expert kernel in `--experts` (transformers'
 `experts_implementation`, with the LoRA'd experts), and the reference (HF `Trainer` + PEFT `target_parameters` on the

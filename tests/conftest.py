@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsocr_lightning.families import family
+from dsocr_lightning.families import VERSIONS, family
 from dsocr_lightning.families.detect import environment_version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -18,15 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors through Triton's interpreter (numpy)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# v1 and v2 need different transformers, so each environment runs its own tests: those under tests/v2/ carry the `v2`
-# marker, all others `v1` (they use v1's remote-code stand-in); the other version's are skipped with the reason.
+# Model versions need different transformers, so each environment runs its own tests: those under tests/<version>/
+# carry that version's marker, all others `v1` (they use v1's remote-code stand-in); the other versions' are skipped
+# with the reason.
 ENVIRONMENT = environment_version()
-V2_TESTS = Path(__file__).parent / "v2"
+TESTS = Path(__file__).parent
+
+
+def version_of(path: Path) -> str:
+    return next((version for version in VERSIONS if TESTS / version in path.parents), "v1")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        version = "v2" if V2_TESTS in item.path.parents else "v1"
+        version = version_of(item.path)
         item.add_marker(version)
         if version != ENVIRONMENT:
             reason = f"a {version} test: this environment runs {ENVIRONMENT or 'neither'} ({family(version).install})"

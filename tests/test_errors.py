@@ -2,14 +2,12 @@
 prints them in a few lines. Also the safe-loading rules."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 
 from dsocr_lightning.cli import main
 from dsocr_lightning.fast import FastPaths
@@ -116,10 +114,7 @@ def test_each_subcommand_has_what_it_needs(subcommand, flags, message, standin_d
     ids=["missing model folder", "unknown mode", "loop rule"],
 )  # fmt: skip
 def test_python_m_says_what_to_fix_in_a_few_lines(flags, first_line, fix, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), *flags]
-    done = subprocess.run([sys.executable, "-m", "dsocr_lightning", *args], cwd=tmp_path, env=env, check=False,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = run_cli(["fit", "--config", str(ROOT / "configs/demo.yaml"), *flags], tmp_path, timeout=120)
     output = [line for line in (done.stdout + done.stderr).splitlines() if line != "Seed set to 3407"]
     assert done.returncode != 0 and len(output) <= 5 and output[0].startswith(first_line), output
     assert fix in "\n".join(output) and "Traceback" not in done.stderr

@@ -1,6 +1,9 @@
 """The package's shape holds: no code outside `families/` asks which model version runs, and no module imports
 itself back through others, not even from inside a function (a circle at import time breaks as soon as someone
-imports the modules in another order; one hidden in a function is the same tangle, waiting)."""
+imports the modules in another order; one hidden in a function is the same tangle, waiting).
+
+One inversion is by design and not an import statement: `families.family(version)` loads a family's package by name
+(a registry); the families use the shared core, and the core reaches a family only through that call."""
 
 import ast
 import re

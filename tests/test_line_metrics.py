@@ -83,5 +83,7 @@ def test_transcribe_says_which_lines_ran_to_the_cap(tokenizer, monkeypatch):
     cut = word * 3  # decoding stopped at max_new_tokens, no end token
     new = [word + [eos] + [pad] * (len(cut) - len(word) - 1), cut]  # ended with the end token, then padding
     monkeypatch.setattr(generation, "generate_tokens", lambda *args: torch.tensor(new))
-    texts, ended = generation.transcribe(None, tokenizer, {}, generation.GenerationSettings(max_new_tokens=len(cut)))
+    texts, ended = generation.transcribe(
+        None, tokenizer, {"family": "v1"}, generation.GenerationSettings(max_new_tokens=len(cut))
+    )
     assert texts[0] == "سلام" and ended == [True, False]

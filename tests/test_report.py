@@ -8,14 +8,13 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 from collections import Counter
 from html import escape
 from pathlib import Path
 
 import pytest
 from browser import browser_checks, chromium, screenshot
+from cli_run import Done, run_cli
 from fake_generation import dropped_chars, install
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -170,10 +169,8 @@ def prediction_files(tmp_path):
     return files
 
 
-def python_m(*args, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "dsocr_lightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+def python_m(*args, cwd) -> Done:
+    return run_cli(list(args), cwd, timeout=120)
 
 
 def test_report_of_two_prediction_files_shows_the_change(prediction_files, tmp_path):

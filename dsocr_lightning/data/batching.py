@@ -17,8 +17,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..data.images import MODES, Mode, load_image
 from ..training.checks import ConfigError
+from .images import MODES, Mode, load_image
 
 BadSamplePolicy = Literal["error", "skip"]
 IGNORE_INDEX = -100

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import MODES, Mode
 from ..families import Family, family
 from ..families.detect import checkpoint_version
 from ..training.checks import ConfigError, check_hub_reachable, check_model_source, hub_offline
 from ..training.plan import RunPlan
 from .batching import DEFAULT_INSTRUCTION, BadSamplePolicy, SampleCollator, split_instruction
+from .images import MODES, Mode
 from .render import LineKind, write_imagefolder
 from .sampling import ResumableLoader, ShardedEpochSampler
 from .travel import TravellingCollator, arrive

@@ -6,8 +6,8 @@ Adding a model version (say v3):
    per-sample preparation on top of `data.batching.SampleCollator`), merges adapters for export and writes a tiny
    stand-in; fast-path patches where it has them.
 2. Its name at the front of `VERSIONS` below.
-3. Tests under `tests/v3/` on its stand-in, in the environment it needs.
-Nothing outside `families/` changes: shared code asks `family(version)`.
+3. An extra in pyproject.toml for its environment (and its pytest marker), tests under `tests/v3/` on its stand-in.
+No shared module changes: shared code asks `family(version)`, which loads a family by name.
 """
 
 from __future__ import annotations

@@ -76,6 +76,10 @@ class Family:
         """What the collator needs (no weights)."""
         raise NotImplementedError
 
+    def tokenizer(self, text_side: Any) -> Any:
+        """The text tokenizer of the text side (the tokenizer itself, or a processor's)."""
+        return text_side
+
     def write_standin(self, folder: str) -> None:
         """TEST ONLY: a tiny random checkpoint of this family."""
         raise NotImplementedError

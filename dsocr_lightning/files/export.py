@@ -53,7 +53,7 @@ def export(
     source.check_ready(revision)
     check_export_target(Path(out_dir), overwrite, source)
     family(version).export(source, out_dir, dtype, trust_remote_code, revision, max_shard_size)
-    rank_zero_info(f"merged {adapter} into {source.base}: {out_dir} ({dtype})")
+    rank_zero_info(f"merged {adapter} into {source.base}: {out_dir} ({dtype}, DeepSeek-OCR {version})")
     return Path(out_dir)
 
 

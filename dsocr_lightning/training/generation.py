@@ -36,9 +36,10 @@ class GenerationSettings:
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings) -> torch.Tensor:
     """New token ids `[B, T_new]` (PAD after EOS) for the left-padded prompts of `batch` (the collator's keys)."""
-    prompt, tokenizer = batch["prompt_input_ids"], getattr(tokenizer, "tokenizer", tokenizer)  # v2: a processor
+    owner = family(batch["family"])  # the family that made the batch
+    prompt, tokenizer = batch["prompt_input_ids"], owner.tokenizer(tokenizer)
     path, parts = decoding_path(model, batch, settings)
-    image_inputs = family(batch["family"]).prompt_image_inputs(batch)  # the family that made the batch
+    image_inputs = owner.prompt_image_inputs(batch)
     with sdpa_kernel(DECODE_ATTENTION):
         if path != "generate":
             rules = Rules(settings.no_repeat_ngram_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -97,7 +98,7 @@ def transcribe(model: Any, tokenizer: Any, batch: dict[str, Any], settings: Gene
     """Greedy transcriptions of the batch's images (special tokens dropped, stripped), and whether each ended with the
     end token (False: decoding stopped at `max_new_tokens`; both decoders keep the EOS they emit)."""
     new_tokens = generate_tokens(model, tokenizer, batch, settings)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    tokenizer = family(batch["family"]).tokenizer(tokenizer)
     texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts, (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -49,6 +50,10 @@ def launch(args: list[str], cwd: Path, runner: str = "module", **env: str) -> su
 
 
 def run(args: list[str], cwd: Path, runner: str = "module", **env: str) -> tuple[int, str]:
+    if runner == "module" and not env:  # a fork of a warm process: the same command, its imports done (cli_run.py)
+        cwd.mkdir(parents=True, exist_ok=True)
+        done = run_cli(args, cwd)
+        return done.returncode, done.output
     child = launch(args, cwd, runner, **env)
     output, _ = child.communicate(timeout=300)
     return child.returncode, output
@@ -199,3 +204,16 @@ def test_nonfinite_loss_skip_skips_the_micro_batches_and_goes_on(v2_dir, lines_d
     assert scalars(run_dir, "train/nonfinite_skipped") == {0: 0.0, 1: 2.0, 2: 0.0}
     losses = scalars(run_dir, "train/loss")
     assert torch.isfinite(torch.tensor([losses[0], losses[2]])).all() and (run_dir / "lora_model").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--model.backend", "unsloth"], "--model.backend unsloth"), (["--model.load_in_4bit", "true"],
+     "--model.load_in_4bit True"), (["--model.lora.loftq_config", "{}"], "--model.lora.loftq_config")],
+)  # fmt: skip
+def test_v1_only_settings_are_one_line_before_anything_loads(v2_dir, lines_dir, tmp_path, flags, named):
+    from cli_run import error_line
+
+    done = run_cli(command("fit", v2_dir, lines_dir, *flags), tmp_path)
+    line = error_line(done)
+    assert line.startswith(f"error: {named}") and "trainable params" not in done.output, line

@@ -17,7 +17,11 @@ from ..base import Family
 
 MODEL_TYPES = {"deepseek_ocr2"}
 ARCHITECTURES = {"DeepseekOcr2ForConditionalGeneration", "DeepseekOcr2Model"}
-REMOTE_CODE_TYPES = {"deepseek_vl_v2", "DeepseekOCR"}  # DeepSeek's own remote-code v2 declares v1's model_type
+REMOTE_CODE_TYPES = {
+    "deepseek_vl_v2",
+    "DeepseekOCR",
+    "dsocr_standin",
+}  # DeepSeek's own remote-code v2 declares v1's model_type
 NATIVE = "deepseek-community/DeepSeek-OCR-2"
 
 
@@ -62,6 +66,22 @@ class V2(Family):
 
         # transformers' own model: no remote code, no Unsloth, its own expert kernels
         return RunPlan("v2", "transformers", "", dtype_name(dtype), "DeepSeek-OCR 2 runs on transformers' own code")
+
+    def preflight(self, model: Any) -> None:
+        from ...training.checks import ConfigError
+
+        refused = {"backend": ("unsloth",), "load_in_4bit": (True,)}
+        for key, values in refused.items():
+            if model[key] in values:
+                raise ConfigError(f"--model.{key} {model[key]}: DeepSeek-OCR 2 runs on transformers' own code here, "
+                                  "without Unsloth or 4-bit weights (those are v1's)")  # fmt: skip
+        if model["lora"]["loftq_config"] is not None:
+            raise ConfigError(
+                "--model.lora.loftq_config: LoftQ is v1's Unsloth backend's; DeepSeek-OCR 2 takes plain LoRA"
+            )
+
+    def tokenizer(self, text_side: Any) -> Any:
+        return text_side.tokenizer  # the processor's
 
     def load(self, settings: Any, lora: Any, data_parallel: bool, device: torch.device, compute_dtype: torch.dtype,
              plan: Any) -> tuple[Any, Any, str]:  # fmt: skip

@@ -39,7 +39,7 @@ def expected_lora_params(
 
 def __getattr__(name: str) -> Any:
     """The v1 checkpoint writer imports v1's model classes (transformers 4.56.2): loaded on first use only, so that
-    the tokenizer also serves the v2 stand-in under transformers 5."""
+    the rest of this package (counts, the tokenizer writer) imports under transformers 5 too."""
     if name == "write_standin_checkpoint":
         from .checkpoint import write_standin_checkpoint
 
