@@ -217,3 +217,15 @@ def test_v1_only_settings_are_one_line_before_anything_loads(v2_dir, lines_dir, 
     done = run_cli(command("fit", v2_dir, lines_dir, *flags), tmp_path)
     line = error_line(done)
     assert line.startswith(f"error: {named}") and "trainable params" not in done.output, line
+
+
+def test_a_v1_setting_given_to_v2_is_named(v2_dir, lines_dir):
+    from dsocr_lightning.cli import main
+
+    args = command("fit", v2_dir, lines_dir, "--model.trust_remote_code", "true", "--model.fast.vision_chunk", "4")
+    with pytest.warns(UserWarning) as warned:
+        main(args[1:], run=False)
+    assert sorted(str(w.message) for w in warned if "is ignored" in str(w.message)) == [
+        "--model.fast.vision_chunk 4 is ignored: DeepSeek-OCR v2 has no use for it",
+        "--model.trust_remote_code True is ignored: DeepSeek-OCR v2 has no use for it",
+    ]

@@ -39,7 +39,8 @@ class V2(Family):
         "fast.layer_graphs",
         "fast.graph_pad_multiple",
         "unsloth_force_compile",
-    )  # v1's patches, Unsloth's
+        "trust_remote_code",
+    )  # v1's patches, Unsloth's, the remote code's
     # transformers' forward passes `num_items_in_batch` on to its loss: HF Trainer normalises each optimizer step's
     # loss by the label tokens of all its micro-batches, and so does the module (training/step_tokens.py)
     step_token_loss = True
