@@ -71,15 +71,8 @@ class V2(Family):
     def preflight(self, model: Any) -> None:
         from ...training.checks import ConfigError
 
-        refused = {"backend": ("unsloth",), "load_in_4bit": (True,)}
-        for key, values in refused.items():
-            if model[key] in values:
-                raise ConfigError(f"--model.{key} {model[key]}: DeepSeek-OCR 2 runs on transformers' own code here, "
-                                  "without Unsloth or 4-bit weights (those are v1's)")  # fmt: skip
-        if model["lora"]["loftq_config"] is not None:
-            raise ConfigError(
-                "--model.lora.loftq_config: LoftQ is v1's Unsloth backend's; DeepSeek-OCR 2 takes plain LoRA"
-            )
+        if why := v1_only(model["backend"], model["load_in_4bit"], model["lora"]["loftq_config"]):
+            raise ConfigError(why)
 
     def tokenizer(self, text_side: Any) -> Any:
         return text_side.tokenizer  # the processor's
@@ -130,6 +123,17 @@ class V2(Family):
         if source.checkpoint is not None:
             raise ConfigError("a DeepSeek-OCR 2 export takes an adapter folder (lora_model or lora_model_best)")
         export(str(source.path), out_dir, source.base, dtype, revision)
+
+
+def v1_only(backend: str, load_in_4bit: bool, loftq_config: Any) -> str | None:
+    """Why these settings cannot load DeepSeek-OCR 2 (they are v1's Unsloth backend's), or None."""
+    if backend == "unsloth" or load_in_4bit:
+        named = "--model.backend unsloth" if backend == "unsloth" else "--model.load_in_4bit True"
+        return f"{named}: DeepSeek-OCR 2 runs on transformers' own code here, without Unsloth or 4-bit weights " \
+               "(those are v1's)"  # fmt: skip
+    if loftq_config is not None:
+        return "--model.lora.loftq_config: LoftQ is v1's Unsloth backend's; DeepSeek-OCR 2 takes plain LoRA"
+    return None
 
 
 def is_remote_code_v2(config: dict[str, Any]) -> bool:

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ...training.loading import LoadSettings, LoraSettings, absolute_source, resolve_dtype
+from . import v1_only
 from .lora import apply_lora, groups_report, peft_config
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,9 @@ def load_processor(name_or_path: str, revision: str | None = None) -> Any:
 
 
 def refuse_v1_only(settings: LoadSettings, lora: LoraSettings) -> None:
-    if settings.backend == "unsloth":
-        raise ValueError("DeepSeek-OCR 2 runs on transformers' own implementation here: backend transformers or auto")
-    if settings.load_in_4bit:
-        raise ValueError("load_in_4bit is supported on v1's Unsloth backend only")
-    if lora.loftq_config is not None:
-        raise ValueError("loftq_config is supported on v1's Unsloth backend only")
+    """The CLI's check (`V2.preflight`) for callers that load without the CLI."""
+    if why := v1_only(settings.backend, settings.load_in_4bit, lora.loftq_config):
+        raise ValueError(why)
 
 
 def lora_config(lora: LoraSettings) -> Any:
