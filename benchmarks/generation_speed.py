@@ -207,7 +207,8 @@ def predict_speed(args: argparse.Namespace) -> dict:
 
 class Saved:
     """What the JSON already holds of other precisions and kernels: rows (theirs kept beside this run's) and checks
-    (this run's stored under "<precision>/<kernel>: " unless it is the bf16 default)."""
+    (this run's stored under "<precision>/<kernel>: " unless it is the bf16 default). Each row names its device and
+    commit: the file's own are those of its latest bf16 run."""
 
     def __init__(self, path: Path, precision: str, kernel: str) -> None:
         self.old = json.loads(path.read_text()) if path.exists() else {}
@@ -226,8 +227,7 @@ class Saved:
         prefix = f"{self.precision}/{self.kernel}: "
         checks = {prefix + k: v for k, v in result.items() if k not in ("rows", "device", "commit")}
         rows = [r for r in self.old.get("rows", []) if not mine(r)] + result["rows"]
-        stamp = {prefix + "device": result["device"], prefix + "commit": result["commit"]}
-        return self.old | checks | stamp | {"rows": rows}
+        return self.old | checks | {"rows": rows}
 
 
 def main() -> None:
@@ -255,12 +255,9 @@ def main() -> None:
     print("| path | batch | max new tokens | new tokens | seconds | new tokens / s | peak allocated GiB |")
     print("|---|---|---|---|---|---|---|")
     kept = Saved(args.json, str(model.dtype).removeprefix("torch."), experts_kernel(model))
-    result = {
-        "device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)",
-        "commit": commit(),
-        "adapter": args.adapter,
-        "rows": speed_rows(model, tokenizer, lines, args),
-    }
+    stamp = {"device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)", "commit": commit()}
+    rows = [row | stamp for row in speed_rows(model, tokenizer, lines, args)]
+    result = stamp | {"adapter": args.adapter, "rows": rows}
     write_json(args.json, kept.merge(result))  # after each part: a later failure keeps what was measured
     if args.same_tokens:
         ours = first_tokens(model, tokenizer, lines, args.same_tokens, args.paths[0])
