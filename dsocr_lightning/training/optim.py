@@ -240,10 +240,17 @@ class Stacks8bit(Stacks):
         p.grad = p.grad.contiguous()  # (the same tensor when it is: gradient buffers stay in place)
         steps = state["row_steps"]
         # rows share a call where their blocks do not straddle: 32-bit state, or rows of whole 256-element blocks
-        joinable = state["state1"].dtype == torch.float32 or p[0].numel() % BLOCK == 0
-        for start, end in self.runs(p, steps, joinable):
-            steps[start:end] = [steps[start] + 1] * (end - start)
-            self.update_rows(config, p, start, end, steps[start])
+        aligned = p[0].numel() % BLOCK == 0
+        runs = self.runs(p, steps, joinable=state["state1"].dtype == torch.float32 or aligned)
+        if len(runs) > 1 and aligned and state["state1"].dtype == torch.uint8:
+            live = self.live_rows(p)  # experts idle in earlier steps: one pass over the stack, not a call per run
+            for row in live:
+                steps[row] += 1
+            self.update_stack(config, p, live, steps)
+        else:
+            for start, end in runs:
+                steps[start:end] = [steps[start] + 1] * (end - start)
+                self.update_rows(config, p, start, end, steps[start])
         state["step"] = max(steps)
 
     def update_rows(self, config: dict[str, Any], p: torch.nn.Parameter, start: int, end: int, step: int) -> None:
@@ -263,6 +270,30 @@ class Stacks8bit(Stacks):
                                           config["eps"], step, config["lr"], state["qmap1"], state["qmap2"],
                                           state["absmax1"][blocks], state["absmax2"][blocks], config["weight_decay"],
                                           gnorm_scale=1.0, skip_zeros=config["skip_zeros"])  # fmt: skip
+
+    def update_stack(self, config: dict[str, Any], p: torch.nn.Parameter, live: list[int], steps: list[int]) -> None:
+        """The live rows of an 8-bit stack of whole blocks, each at its own step count, in one pass: bitsandbytes'
+        own composition of its update (dequantize, Adam, requantize: its CPU kernel's order of operations) with
+        per-row bias corrections; the other rows keep their bytes. ~20 launches whatever the rows' counts."""
+        ops, state, (beta1, beta2) = torch.ops.bitsandbytes, self.state[p], config["betas"][:2]
+        lr, eps, decay = config["lr"], config["eps"], config["weight_decay"]
+        per_row = [[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(steps)]
+        correction2, scale, on = torch.tensor(per_row, device=p.device).T.view(3, -1, *[1] * (p.dim() - 1))
+        on = on.bool()
+        m = ops.dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"], BLOCK, torch.float32)
+        v = ops.dequantize_blockwise(state["state2"], state["absmax2"], state["qmap2"], BLOCK, torch.float32)
+        grad = p.grad.float()
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (v.sqrt() / correction2).add_(eps)
+        new = p.detach().float().mul(1.0 - lr * decay) if decay > 0.0 else p.detach().float().clone()
+        new.add_(scale * m / denom)
+        p.data.copy_(torch.where(on, new, p.detach()))
+        blocks = on.view(-1, 1).expand(-1, p[0].numel() // BLOCK).flatten()
+        for key, value in (("1", m), ("2", v)):
+            codes, absmax = ops.quantize_blockwise(value, state[f"qmap{key}"], BLOCK)
+            state[f"state{key}"].copy_(torch.where(on, codes.view_as(p), state[f"state{key}"]))
+            state[f"absmax{key}"].copy_(torch.where(blocks, absmax, state[f"absmax{key}"]))
 
     def split_row(self, entry: dict[str, Any], row: int, rows: int) -> dict[str, Any] | None:
         quant = entry[self._FSDP_WRAPPED_QUANT_STATE_KEY]
