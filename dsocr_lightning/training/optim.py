@@ -277,7 +277,8 @@ class Stacks8bit(Stacks):
         per-row bias corrections; the other rows keep their bytes. ~20 launches whatever the rows' counts."""
         ops, state, (beta1, beta2) = torch.ops.bitsandbytes, self.state[p], config["betas"][:2]
         lr, eps, decay = config["lr"], config["eps"], config["weight_decay"]
-        per_row = [[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(steps)]
+        counts = [max(n, 1) for n in steps]  # (a row that never stepped is not live: any count serves it)
+        per_row = [[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(counts)]
         correction2, scale, on = torch.tensor(per_row, device=p.device).T.view(3, -1, *[1] * (p.dim() - 1))
         on = on.bool()
         m = ops.dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"], BLOCK, torch.float32)
