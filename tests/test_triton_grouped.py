@@ -133,3 +133,20 @@ def test_kernels_compile_for_turing_and_ampere_with_their_tiles():
             assert kernel["mma"] == ["mma.sync.aligned.m16n8k8"], (name, kernel)
         else:  # Triton 3.4+ lowers tl.dot on Turing to FMA on the CUDA cores (benchmarks/README.md: what it costs)
             assert kernel["mma"] == [], (name, kernel)
+
+
+def test_the_tile_choice_traces_under_torch_compile_without_a_warning():
+    """The launches look up the GPU's capability; dynamo must take it as a constant (a cached function made it
+    warn of "silent incorrectness" in every fit log)."""
+    import warnings
+
+    from dsocr_lightning.fast.triton_grouped import capability_of
+
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return x * capability_of(x.device)[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(scale, backend="eager", fullgraph=True)(torch.ones(2))
+    assert out.tolist() == [8.0, 8.0]
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]

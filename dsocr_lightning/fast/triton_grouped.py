@@ -21,7 +21,6 @@ FMA on the CUDA cores there (checked by compiling for sm_75: tests/test_triton_g
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +138,7 @@ def wgrad_tiles(capability: tuple[int, int], p: int, q: int, itemsize: int) -> T
                  stages=2 if turing else 3)  # fmt: skip
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant to dynamo (torch caches the device's properties itself)
 def capability_of(device: torch.device) -> tuple[int, int]:
     """The GPU's compute capability; (8, 0) for the CPU interpreter (tests), whose tiles do not matter."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
