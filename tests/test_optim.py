@@ -132,3 +132,21 @@ def test_optimizer_state_travels_between_stacked_and_per_expert(name, shape):
         step_both(fresh_fast, fresh_slow, step)
     assert_same(fresh_fast, slow_side)
     assert_same(fast_side, fresh_slow)
+
+
+def test_a_non_finite_gradient_element_leaves_its_weight_alone_as_bitsandbytes_cuda_kernel_does():
+    """In the one-pass update an inf or NaN gradient element zeroes that element's state and skips its weight (the
+    CUDA kernel's rule), instead of spreading NaN over the block's 256 weights at the next step."""
+    fast_side, slow_side = experts_pair("adamw8bit", SHAPES["8-bit aligned rows"], rows=4)
+    step_both(fast_side, slow_side, 1, idle=[1])  # the counts now differ: the next step is one pass
+    stacked, optimizer = fast_side[0], fast_side[2]
+    before = stacked.detach().clone()
+    stacked.grad = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(7))
+    stacked.grad[0, 0, :2] = torch.tensor([float("inf"), float("nan")])
+    optimizer.active = {stacked: [True] * 4}
+    optimizer.step()
+    assert torch.equal(stacked[0, 0, :2], before[0, 0, :2])
+    assert (stacked[0, 0, 2:] != before[0, 0, 2:]).all()
+    stacked.grad = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(8))
+    optimizer.step()
+    assert stacked.isfinite().all()

@@ -230,7 +230,9 @@ class Stacks8bit(Stacks):
             state["qmap1"] = self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
             state["qmap2"] = self.name2qmap["udynamic"] = self.name2qmap["udynamic"].to(p.device)
             blocks = self.rows[p] * math.ceil(p[0].numel() / BLOCK)
-            state["absmax1"], state["absmax2"] = (torch.zeros(blocks, device=p.device) for _ in range(2))
+            state["absmax1"], state["absmax2"] = (
+                torch.zeros(blocks, dtype=torch.float32, device=p.device) for _ in range(2)
+            )
 
     @torch.no_grad()
     def update_step(self, group: dict, p: torch.nn.Parameter, gindex: int, pindex: int) -> None:
@@ -274,22 +276,21 @@ class Stacks8bit(Stacks):
     def update_stack(self, config: dict[str, Any], p: torch.nn.Parameter, live: list[int], steps: list[int]) -> None:
         """The live rows of an 8-bit stack of whole blocks, each at its own step count, in one pass: bitsandbytes'
         own composition of its update (dequantize, Adam, requantize: its CPU kernel's order of operations) with
-        per-row bias corrections; the other rows keep their bytes. ~20 launches whatever the rows' counts."""
+        per-row bias corrections; the other rows keep their bytes. As its CUDA kernel does, a non-finite gradient
+        element zeroes that element's state and leaves its weight alone. ~25 launches whatever the rows' counts."""
         ops, state, (beta1, beta2) = torch.ops.bitsandbytes, self.state[p], config["betas"][:2]
         lr, eps, decay = config["lr"], config["eps"], config["weight_decay"]
-        counts = [max(n, 1) for n in steps]  # (a row that never stepped is not live: any count serves it)
-        per_row = [[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(counts)]
-        correction2, scale, on = torch.tensor(per_row, device=p.device).T.view(3, -1, *[1] * (p.dim() - 1))
-        on = on.bool()
+        correction2, scale, on = row_factors(p, live, steps, beta1, beta2, lr)
         m = ops.dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"], BLOCK, torch.float32)
         v = ops.dequantize_blockwise(state["state2"], state["absmax2"], state["qmap2"], BLOCK, torch.float32)
         grad = p.grad.float()
-        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        finite = grad.isfinite()
+        m = torch.where(finite, m.mul_(beta1).add_(grad, alpha=1.0 - beta1), 0.0)
+        v = torch.where(finite, v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2), 0.0)
         denom = (v.sqrt() / correction2).add_(eps)
         new = p.detach().float().mul(1.0 - lr * decay) if decay > 0.0 else p.detach().float().clone()
         new.add_(scale * m / denom)
-        p.data.copy_(torch.where(on, new, p.detach()))
+        p.data.copy_(torch.where(on & finite, new, p.detach()))
         blocks = on.view(-1, 1).expand(-1, p[0].numel() // BLOCK).flatten()
         for key, value in (("1", m), ("2", v)):
             codes, absmax = ops.quantize_blockwise(value, state[f"qmap{key}"], BLOCK)
@@ -329,3 +330,14 @@ class Stacks8bit(Stacks):
 
     def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
         super().load_state_dict(self.from_reference(state_dict), move_to_device)
+
+
+def row_factors(p: torch.Tensor, live: list[int], steps: list[int], beta1: float, beta2: float, lr: float) -> tuple:
+    """Per row of a stack, shaped to broadcast over it: Adam's sqrt(1 - beta2^t), -lr / (1 - beta1^t) (in float64
+    on the host, as bitsandbytes computes them, then float32) and whether the row steps now. On a GPU they travel
+    from pinned memory without waiting: a plain copy would sync the stream once per stack and step."""
+    counts = [max(n, 1) for n in steps]  # (a row that never stepped is not live: any count serves it)
+    rows = torch.tensor([[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(counts)])
+    rows = rows.pin_memory().to(p.device, non_blocking=True) if p.is_cuda else rows
+    correction2, scale, on = rows.T.reshape(3, -1, *[1] * (p.dim() - 1))
+    return correction2, scale, on.bool()
