@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,8 @@ COLUMN_STEP = 128  # cache lengths are rounded up to this, so graphs are reused 
 
 @dataclass
 class DecoderParts:
-    """The pieces of a DeepSeek-V2-style causal LM that one decode step runs, in order."""
+    """The pieces of a DeepSeek-V2-style causal LM that one decode step runs, in order, and what differs between
+    the model families that supply them."""
 
     embed: nn.Module
     rotary: nn.Module
@@ -43,6 +45,10 @@ class DecoderParts:
     norm: nn.Module
     lm_head: nn.Module
     eager_attention: bool  # additive float masks (eager attention) instead of boolean ones (SDPA)
+    cache_arg: str = "past_key_values"  # the layers' keyword for the cache (transformers 5: `cache`)
+    prefill: Callable | None = None  # (model, parts, prompt, mask, images) -> (logits, DynamicCache); None: `prefill`
+    graph_blocker: str | None = None  # the family's reason to decode without CUDA graphs, else the layers decide
+    unmeasured: str | None = None  # set: on a GPU, `auto` keeps transformers' generate, for this reason
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts | None:
@@ -66,6 +72,8 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
 
 def graph_blocker(parts: DecoderParts) -> str | None:
     """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
+    if parts.graph_blocker:
+        return parts.graph_blocker
     moe = moe_blocks(parts.layers)
     if not all(runs_grouped(mlp) for mlp in moe):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
@@ -79,14 +87,15 @@ def graph_blocker(parts: DecoderParts) -> str | None:
 
 
 class StaticCache:
-    """Keys/values of every layer in fixed buffers [B, heads, L, head_dim]; `update` writes the step's column and
-    returns the whole buffer (the only method the attention layers call)."""
+    """Keys/values of every layer in fixed buffers [B, heads, L, head_dim]; `update` writes the step's column (the
+    decoder's own [1] long tensor) and returns the whole buffer (the only method the attention layers call)."""
 
-    def __init__(self, like: DynamicCache, columns: int):
+    def __init__(self, like: DynamicCache, columns: int, column: torch.Tensor):
         shapes = [(*layer.keys.shape[:2], columns, layer.keys.shape[3]) for layer in like.layers]
         first = like.layers[0].keys
         self.keys = [first.new_zeros(shape) for shape in shapes]
         self.values = [first.new_zeros(shape) for shape in shapes]
+        self.column = column
 
     def load(self, prefill: DynamicCache) -> None:
         """The prompt's keys/values into the first P columns; zeros after (never read, but finite)."""
@@ -95,11 +104,10 @@ class StaticCache:
                 buffer[:, :, : theirs.shape[2]] = theirs
                 buffer[:, :, theirs.shape[2] :] = 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: dict) -> tuple:
-        column = cache_kwargs["cache_position"]  # [1] long, on the device
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, column, key.to(keys.dtype))  # as DynamicCache's concatenation promotes
-        values.index_copy_(2, column, value.to(values.dtype))
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]  # (transformers 4 passes cache_kwargs, 5 kwargs=)
+        keys.index_copy_(2, self.column, key.to(keys.dtype))  # as DynamicCache's concatenation promotes
+        values.index_copy_(2, self.column, value.to(values.dtype))
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -143,11 +151,11 @@ class Decoder:
     def __init__(self, parts: DecoderParts, like: DynamicCache, shape: tuple[int, int], rules: Rules):
         rows, columns = shape
         device = like.layers[0].keys.device
-        self.parts, self.rules, self.cache = parts, rules, StaticCache(like, columns)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the fed token
+        self.parts, self.rules, self.cache = parts, rules, StaticCache(like, columns, self.column)
         self.ids = torch.zeros(rows, columns, dtype=torch.long, device=device)  # prompt (padding included), new
         self.valid = torch.zeros(rows, columns, dtype=torch.bool, device=device)  # columns attention may read
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)  # position id of the fed token
-        self.column = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the fed token
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -173,8 +181,8 @@ class Decoder:
                 ~mask, torch.finfo(hidden.dtype).min
             )
         for layer in parts.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=self.position, past_key_values=self.cache,
-                        use_cache=True, cache_position=self.column, position_embeddings=embeddings)  # fmt: skip
+            out = layer(hidden, attention_mask=mask, position_ids=self.position, use_cache=True,
+                        cache_position=self.column, position_embeddings=embeddings, **{parts.cache_arg: self.cache})  # fmt: skip
             hidden = out[0] if isinstance(out, tuple) else out
         return parts.lm_head(parts.norm(hidden)[:, -1]).float()
 
@@ -300,7 +308,7 @@ def static_generate(
 
 def decode(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: torch.Tensor, images: dict,
            max_new_tokens: int, rules: Rules, graphs: bool, check_every: int) -> torch.Tensor:  # fmt: skip
-    logits, prefilled = prefill(model, parts, prompt, mask, images)
+    logits, prefilled = (parts.prefill or prefill)(model, parts, prompt, mask, images)
     columns = -(-(prompt.shape[1] + max_new_tokens) // COLUMN_STEP) * COLUMN_STEP
     decoder = decoder_for(model, parts, prefilled, (prompt.shape[0], columns), rules)
     decoder.load(prefilled, prompt, mask, logits)

@@ -120,3 +120,26 @@ def test_export_merges_into_a_plain_native_checkpoint(fitted, tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(**{k: batch[k] for k in keys}).logits, fitted.model.eval()(batch).logits,
                               atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_static_cache_decoding_equals_generate(fitted, ngram, caplog):
+    """families/v2/decode.py: the static-cache decoder (fast/decode.py) over v2's own layers gives generate's greedy
+    tokens, token for token in float32 on the CPU, with a left-padded row and the n-gram block; and on the CPU
+    `auto` takes it (on a GPU `auto` keeps generate until it is measured there)."""
+    import logging
+
+    from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
+
+    data, model = fitted.datamodule, fitted.model.model.eval()
+    batch = data.collator(True, "test")([data.datasets["test[:4]"][i] for i in range(3)])
+    batch["prompt_input_ids"][0, 0] = fitted.model.tokenizer.tokenizer.pad_token_id  # the first BOS becomes padding
+    batch["prompt_attention_mask"][0, 0] = 0
+    tokens = {}
+    for path in ("generate", "static", "auto"):
+        settings = GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=ngram, decoding=path)
+        with caplog.at_level(logging.INFO, logger="dsocr_lightning.training.generation"):
+            tokens[path] = generate_tokens(model, fitted.model.tokenizer, batch, settings)
+    assert tokens["generate"].shape[0] == 3 and tokens["generate"].shape[1] > 1
+    assert torch.equal(tokens["static"], tokens["generate"]) and torch.equal(tokens["auto"], tokens["generate"])
+    assert "decoding: static KV cache, steps run eagerly" in caplog.text

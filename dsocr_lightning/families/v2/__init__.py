@@ -1,8 +1,9 @@
 """DeepSeek-OCR 2 on transformers' own implementation (`deepseek_ocr2`, transformers >= 5.10; the `v2` extra).
 
 Its parts: the config of the public checkpoint (`config.py`), loading and LoRA on the fused 3-D experts
-(`loading.py`, `lora.py`), the processor-based collator (`collate.py`), the merge (`export.py`) and the tiny TEST
-STAND-IN (`standin.py`). Importing this package imports nothing heavy; its modules need transformers 5.
+(`loading.py`, `lora.py`), the processor-based collator (`collate.py`), the static-cache decoder's parts
+(`decode.py`), the merge (`export.py`) and the tiny TEST STAND-IN (`standin.py`). Importing this package imports
+nothing heavy; its modules need transformers 5.
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class V2(Family):
 
     def global_views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         return list(batch["pixel_values"])  # the processor stacks the global views [B, 3, S, S]
+
+    def decoder_parts(self, model: Any) -> Any:
+        from .decode import decoder_parts
+
+        return decoder_parts(model)
 
     def export(self, source: Any, out_dir: str, dtype: str, trust_remote_code: bool, revision: str | None,
                max_shard_size: str) -> None:  # fmt: skip

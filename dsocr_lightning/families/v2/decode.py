@@ -1,0 +1,44 @@
+"""DeepSeek-OCR 2's parts for the static-cache decoder (fast/decode.py): transformers' own `deepseek_ocr2` language
+model (`model.language_model.{embed_tokens, rotary_emb, layers, norm}`, `lm_head`), whose layers take `cache=` and
+whose prefill is the model's own forward with generate's position ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...fast.decode import DecoderParts
+from ...fast.layout import causal_lm
+
+# Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_decode_v2.py); on a GPU,
+# `auto` keeps `generate` until a benchmark shows the static path faster there.
+UNMEASURED = "DeepSeek-OCR 2's static-cache decoder is not measured on a GPU yet; decoding: static asks for it"
+# transformers' experts: the eager loop asks which experts were hit (`nonzero`), a read-back a graph cannot hold
+GRAPH_BLOCKER = "DeepSeek-OCR 2's graph capture is not measured yet (its experts read token counts back)"
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts | None:
+    """The decode-step pieces of a (peft-wrapped or plain) DeepSeek-OCR 2, or None where the layout differs."""
+    causal = causal_lm(model)
+    text = getattr(getattr(causal, "model", None), "language_model", None)
+    needed = ("embed_tokens", "rotary_emb", "layers", "norm")
+    if text is None or not all(hasattr(text, n) for n in needed) or not hasattr(causal, "lm_head"):
+        return None
+    implementation = getattr(text.config, "_attn_implementation", "sdpa")
+    if implementation not in ("sdpa", "eager"):
+        return None
+    layers = list(text.layers[: text.config.num_hidden_layers])
+    return DecoderParts(text.embed_tokens, text.rotary_emb, layers, text.norm, causal.lm_head,
+                        eager_attention=implementation == "eager", cache_arg="cache", prefill=prefill,
+                        graph_blocker=GRAPH_BLOCKER, unmeasured=UNMEASURED)  # fmt: skip
+
+
+def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: torch.Tensor, images: dict) -> tuple:
+    """generate's first step: the model's forward over the left-padded prompts, images included, position ids
+    counted over each row's real tokens; (last logits [B, V] float32, the DynamicCache it filled)."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out: Any = causal_lm(model)(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, return_dict=True, **images)  # fmt: skip
+    return out.logits[:, -1].float(), out.cache
