@@ -245,7 +245,7 @@ class Stacks8bit(Stacks):
         aligned = p[0].numel() % BLOCK == 0
         runs = self.runs(p, steps, joinable=state["state1"].dtype == torch.float32 or aligned)
         if len(runs) > 1 and aligned and state["state1"].dtype == torch.uint8:
-            live = self.live_rows(p)  # experts idle in earlier steps: one pass over the stack, not a call per run
+            live = [row for start, end in runs for row in range(start, end)]  # one pass, not a call per run
             for row in live:
                 steps[row] += 1
             self.update_stack(config, p, live, steps)
@@ -336,7 +336,7 @@ def row_factors(p: torch.Tensor, live: list[int], steps: list[int], beta1: float
     """Per row of a stack, shaped to broadcast over it: Adam's sqrt(1 - beta2^t), -lr / (1 - beta1^t) (in float64
     on the host, as bitsandbytes computes them, then float32) and whether the row steps now. On a GPU they travel
     from pinned memory without waiting: a plain copy would sync the stream once per stack and step."""
-    counts = [max(n, 1) for n in steps]  # (a row that never stepped is not live: any count serves it)
+    counts, live = [max(n, 1) for n in steps], set(live)  # (a row that never stepped is not live: any count serves)
     rows = torch.tensor([[math.sqrt(1.0 - beta2**n), -lr / (1.0 - beta1**n), r in live] for r, n in enumerate(counts)])
     rows = rows.pin_memory().to(p.device, non_blocking=True) if p.is_cuda else rows
     correction2, scale, on = rows.T.reshape(3, -1, *[1] * (p.dim() - 1))

@@ -12,7 +12,7 @@ from torch import nn
 from ...fast.decode import DecoderParts
 from ...fast.layout import causal_lm
 
-# Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_decode_v2.py); on a GPU,
+# Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_fit_v2.py); on a GPU,
 # `auto` keeps `generate` until a benchmark shows the static path faster there.
 UNMEASURED = "DeepSeek-OCR 2's static-cache decoder is not measured on a GPU yet; decoding: static asks for it"
 # transformers' experts: the eager loop asks which experts were hit (`nonzero`), a read-back a graph cannot hold
