@@ -1,17 +1,18 @@
 """DeepSeek-OCR 2: `python -m dsocr_lightning fit` against a plain HF `Trainer` + PEFT run on the same batches.
 
-python benchmarks/v2_fit.py WORK_DIR [--steps 20] [--experts grouped_mm batched_mm eager] [--json PATH]   # a GPU
+python benchmarks/v2_fit.py WORK_DIR [--steps 20] [--runs fast fast_checkpointing eager] [--json PATH]   # a GPU
 python benchmarks/v2_fit.py WORK_DIR --tiny                                        # CPU dry run, tiny TEST STAND-IN
 
 Needs the v2 environment (`pip install -e ".[v2,test]"`). Builds the model into WORK_DIR/model unless it is there:
 the full-size DeepSeek-OCR 2 with **random weights** (transformers' own classes at the public checkpoint's sizes,
 `dsocr_lightning/families/v2/config.py`; the stand-in character tokenizer with the real special-token ids), or with `--tiny`
 the tiny stand-in. Renders unshuffled synthetic lines into WORK_DIR/lines. Then, each in its own process, on the same
-batches (the package's collator, in order): our fit once per expert kernel in `--experts` (transformers'
-`experts_implementation`, with the LoRA'd experts), and the reference (HF `Trainer` + PEFT `target_parameters` on the
-fused experts, the guide's arguments). Writes first losses, samples/s and the trainable counts of the full-size
-model (meta device) to the JSON: benchmarks/results/v2_fit.json, or v2_fit_tiny.json with `--tiny` (whose speeds are
-a CPU's on a tiny model: they say nothing about the GPU).
+batches (the package's collator, in order) at the guide's settings (2 x 4, bf16): our fit once per run of `--runs`
+(`RUNS`: the fast path with checkpointing off and on, and the eager path: transformers' experts with PEFT's LoRA,
+eager layers), and the reference (HF `Trainer` + PEFT `target_parameters` on the fused experts, the guide's
+arguments, checkpointing on). Writes each run's losses, samples/s and settings, and the trainable counts of the
+full-size model (meta device) to the JSON: benchmarks/results/v2_fit.json, or v2_fit_tiny.json with `--tiny` (whose
+speeds are a CPU's on a tiny model: they say nothing about the GPU).
 """
 
 from __future__ import annotations
@@ -54,27 +55,39 @@ def build_model(folder: Path, tiny: bool) -> None:
     )
 
 
-def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, experts: str) -> list[str]:
+# our runs: their settings beyond t4_v2.yaml's (guide settings: 2 x 4, 8-bit AdamW, lr 2e-4, checkpointing on)
+RUNS = {
+    "fast": ["--model.gradient_checkpointing", "false"],  # grouped experts, compiled layers as CUDA graphs
+    "fast_checkpointing": ["--model.gradient_checkpointing", "true"],  # grouped experts, compiled layers
+    # transformers' experts with PEFT's LoRA, eager layers: the path before the fast one (its losses are the bar)
+    "eager": ["--model.fast.grouped_experts", "loop", "--model.fast.compile_layers", "false"],
+}
+
+
+def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, run: str) -> list[str]:
     cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.dtype", "float32"]
     device = cpu if args.tiny else ["--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16"]
     return [
         sys.executable, "-m", "dsocr_lightning", "fit", "--config", str(ROOT / "configs" / "t4_v2.yaml"), *device,
-        "--model.model_name_or_path", str(model), "--model.adapter_dir", "null",
-        "--model.fast.experts_implementation", experts, "--data.source", str(lines), "--data.source_type",
+        "--model.model_name_or_path", str(model), "--model.adapter_dir", "null", *RUNS[run],
+        "--data.source", str(lines), "--data.source_type",
         "imagefolder", "--data.train_split", "train", "--data.val_split", "null", "--data.image_column", "image",
         "--data.shuffle", "false", "--data.num_workers", "0" if args.tiny else "2", "--trainer.limit_val_batches", "0",
         "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(logs),
+        "--last_checkpoint.every_n_train_steps", "0", "--trainer.logger.init_args.save_dir", str(logs),
     ]  # fmt: skip
 
 
-def our_fit(args: argparse.Namespace, model: Path, lines: Path, experts: str) -> dict:
-    logs = Path(args.work) / f"logs_{experts}"
-    subprocess.run(fit_command(args, model, lines, logs, experts), check=True, cwd=ROOT)
-    run = max((logs / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
-    values = scalars(run)
+def our_fit(args: argparse.Namespace, model: Path, lines: Path, run: str) -> dict:
+    logs = Path(args.work) / f"logs_{run}"
+    code = subprocess.run(fit_command(args, model, lines, logs, run), check=False, cwd=ROOT).returncode
+    if code != 0:  # the other runs and the reference still run; the JSON says this one failed (its log says why)
+        return {"settings": " ".join(RUNS[run]), "error": f"fit exited with {code}"}
+    version = max((logs / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
+    values = scalars(version)
     speeds = values["perf/samples_per_s"][WARMUP:] or values["perf/samples_per_s"]
-    return {"first_loss": values["train/loss"][0], "samples_per_s": statistics.median(speeds)}
+    return {"settings": " ".join(RUNS[run]), "first_loss": values["train/loss"][0], "losses": values["train/loss"],
+            "samples_per_s": statistics.median(speeds)}  # fmt: skip
 
 
 def run_reference(args: argparse.Namespace) -> None:
@@ -140,7 +153,7 @@ def run_reference(args: argparse.Namespace) -> None:
                       callbacks=[timer])  # fmt: skip
     trainer.train()
     steps = timer.times[WARMUP:] or timer.times
-    row = {"first_loss": timer.losses[0], "samples_per_s": 8 / statistics.median(steps)}
+    row = {"first_loss": timer.losses[0], "losses": timer.losses, "samples_per_s": 8 / statistics.median(steps)}
     (work / "reference.json").write_text(json.dumps(row))
 
 
@@ -151,7 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20, 3 with --tiny)")
     parser.add_argument("--lines", type=int, default=None, help="training lines to render (default: 8 per step)")
     parser.add_argument("--lines-from", help="an imagefolder of lines to copy instead of rendering them")
-    parser.add_argument("--experts", nargs="+", default=None, help="experts_implementation values to run ours with")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=None, help="our runs (default: all; --tiny: fast)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = parser.parse_args()
@@ -166,8 +179,8 @@ def main() -> None:
         from dsocr_lightning.data.render import write_imagefolder
 
         write_imagefolder(work / "lines", {"train": args.lines or 8 * args.steps}, seed=7)
-    experts = args.experts or (["grouped_mm"] if args.tiny else ["grouped_mm", "batched_mm", "eager"])
-    ours = {name: our_fit(args, work / "model", work / "lines", name) for name in experts}
+    runs = args.runs or (["fast"] if args.tiny else list(RUNS))
+    ours = {name: our_fit(args, work / "model", work / "lines", name) for name in runs}
     # one GPU: on a host with several, HF Trainer would wrap the model in DataParallel (PEFT's parametrized experts fail)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT, env=env)
@@ -185,20 +198,30 @@ def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
     with_encoder, _ = count_on_meta(full_size_config(), encoder=True)
     main_run = next(iter(ours.values()))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
+    for run in (run for run in ours.values() if "error" not in run):
+        run["x_reference"] = run["samples_per_s"] / reference["samples_per_s"]
+        if "losses" in ours.get("eager", {}):
+            run["max_loss_diff_vs_eager"] = max(abs(a - b) for a, b in zip(run["losses"], ours["eager"]["losses"]))
     result = {
         "device": device
         + (" (tiny TEST STAND-IN: a dry run, not a measurement of DeepSeek-OCR 2)" if args.tiny else ""),
         "commit": commit(),
+        "model": "tiny TEST STAND-IN" if args.tiny else "DeepSeek-OCR 2 architecture, random weights",
+        "version": "v2",
+        "settings": "micro-batch 2 x accumulation 4, "
+        + ("float32 (CPU)" if args.tiny else "bf16-mixed, bf16 weights")
+        + ", LoRA r16 (experts: split), 8-bit AdamW; reference: HF Trainer + PEFT, gradient checkpointing on",
         "trainable_default": default,  # full size, counted on the meta device
         "trainable_with_encoder": with_encoder,
-        "first_loss": main_run["first_loss"],
+        "first_loss": main_run.get("first_loss"),
         "reference_first_loss": reference["first_loss"],
-        "first_loss_rel_diff": abs(main_run["first_loss"] - reference["first_loss"]) / abs(reference["first_loss"]),
-        "samples_per_s": main_run["samples_per_s"],
+        "first_loss_rel_diff": abs(main_run["first_loss"] - reference["first_loss"]) / abs(reference["first_loss"])
+        if "first_loss" in main_run
+        else None,
         "reference_samples_per_s": reference["samples_per_s"],
-        "experts_implementations": ours,
+        "reference_losses": reference["losses"],
+        "runs": ours,
         "steps": args.steps,
-        "model": "tiny TEST STAND-IN" if args.tiny else "DeepSeek-OCR 2 architecture, random weights",
     }
     path = Path(args.json or ROOT / "benchmarks" / "results" / ("v2_fit_tiny.json" if args.tiny else "v2_fit.json"))
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,9 @@
 """Fast paths patched onto the loaded model (the public model code stays as it is).
 
-- `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer (training and decoding), on
+- `moe.py` + `grouped_mm.py`: grouped experts with LoRA for every DeepSeek-V2 MoE layer of v1 (training and decoding;
+  v2's fused experts: families/v2/experts.py on the same `grouped_mm.py`), on
   torch's `_grouped_mm` or the Triton kernels of `triton_grouped.py` (`choose_kernel`: once per run, logged);
-- `vision.py`: the remote code's vision towers run batched;
+- `vision.py`: the remote code's vision towers run batched (v1; transformers' v2 batches its views itself);
 - `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards;
 - `layer_graphs.py`: ... replayed as CUDA graphs where gradient checkpointing is off;
 - `decode.py`: greedy decoding with a static KV cache, one CUDA graph replay a step (used by generation.py).
@@ -32,9 +33,10 @@ class FastPaths:
 
     # MoE experts as grouped matmuls, LoRA included: `native` (torch._grouped_mm: one kernel on Hopper in bf16),
     # `triton` (this project's kernels: NVIDIA GPUs from Turing on, fp16 and bf16), `loop` (transformers' per-expert
-    # loop), `auto` (native where it is one kernel, else triton, else the loop; logged)
+    # loop; v2: transformers' own experts kernel), `auto` (native where it is one kernel, else triton, else the loop;
+    # logged). v1: fast/moe.py; v2: families/v2/experts.py
     grouped_experts: GroupedKernel = "auto"
-    batched_vision: bool = True  # SAM + CLIP over all views of a batch at once (real remote code only)
+    batched_vision: bool = True  # v1: SAM + CLIP over all views of a batch at once (v2: transformers does it)
     vision_chunk: int = 8  # views per batched vision call (bounds SAM's attention memory, ~0.4 GB a view)
     # decoder layers compiled (torch.compile, inductor) for training forwards, on one GPU with grouped experts
     # (elsewhere the log says why not): 1.2-1.6x the steps per second of the eager layers (benchmarks/README.md)
@@ -44,8 +46,8 @@ class FastPaths:
     # (a graph holds one length)
     layer_graphs: bool = True
     graph_pad_multiple: int = 32
-    # v2 only (the patches above are v1's): transformers' kernel for the fused experts (`eager`, `batched_mm`,
-    # `grouped_mm`), LoRA included; null = transformers' default (grouped_mm where it runs)
+    # v2 only: run the fused experts on this transformers kernel (`eager`, `batched_mm`, `grouped_mm`) with PEFT's
+    # LoRA instead of the grouped experts; null = the grouped experts (grouped_experts: loop = transformers' default)
     experts_implementation: str | None = None
 
 

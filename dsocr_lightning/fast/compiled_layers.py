@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import decoder_layers
-from .moe import ensure_bound, grouped_kernel, is_moe_layer, moe_blocks, runs_grouped
+from .layout import block_kernel, decoder_layers, expert_blocks
+from .moe import ensure_bound, is_moe_layer, runs_grouped
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ def compile_blocker(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     layers = decoder_layers(model)
     if not layers:
         return "no decoder layers where expected"
-    moe = moe_blocks(layers)
-    if not all(runs_grouped(mlp) for mlp in moe):
+    kernels = [block_kernel(block) for block in expert_blocks(layers)]
+    if not all(kernels):
         return "transformers' expert loop has data-dependent shapes: a graph break at every expert"
-    if any(grouped_kernel(mlp) == "native" for mlp in moe) and dtype != torch.bfloat16:
+    if "native" in kernels and dtype != torch.bfloat16:
         return f"torch.compile's _grouped_mm takes bfloat16, not {str(dtype).removeprefix('torch.')}"
     if device.type != "cuda":
         return f"compiled on a GPU only: on {device.type} inductor's build of the layers takes minutes"

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import causal_lm, decoder_layers
+from .layout import decoder_layers, text_model
 
 PAD_VALUES = {"labels": -100, "images_seq_mask": False, "attention_mask": 0}  # input_ids: the tokenizer's PAD
 
 
 def layer_graph_blocker(model: nn.Module) -> str | None:
     """Why the compiled layers of `model` cannot run as CUDA graphs, or None."""
-    if getattr(getattr(causal_lm(model), "model", None), "gradient_checkpointing", False):
+    if any(getattr(m, "gradient_checkpointing", False) for m in [text_model(model), *decoder_layers(model)]):
         return "gradient checkpointing recomputes the layers inside backward (--model.gradient_checkpointing false)"
     return None
 

@@ -10,7 +10,25 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def text_model(model: nn.Module) -> nn.Module | None:
+    """The module holding the decoder layers: `<causal LM>.model` (v1's remote code), or its `language_model` where
+    the text model sits one level down (transformers' multimodal models, DeepSeek-OCR 2)."""
+    inner = getattr(causal_lm(model), "model", None)
+    return getattr(inner, "language_model", inner)
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The language model's decoder layers (`<causal LM>.model.layers`), or [] where the layout differs."""
-    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
+    """The language model's decoder layers, or [] where the layout differs."""
+    layers = getattr(text_model(model), "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
+def expert_blocks(layers: list[nn.Module]) -> list[nn.Module]:
+    """The MoE blocks (an `mlp` with routed `experts`) of these decoder layers."""
+    return [layer.mlp for layer in layers if hasattr(getattr(layer, "mlp", None), "experts")]
+
+
+def block_kernel(block: nn.Module) -> str | None:
+    """The grouped matmul an MoE block's experts run (`native`, `triton`: recorded by each family's grouped-experts
+    patch), None where they run transformers' own code."""
+    return vars(block).get("_grouped_kernel")

@@ -202,14 +202,14 @@ def patch_grouped_experts(model: nn.Module, kernel: str = "native") -> int:
     choice); returns how many were switched."""
     layers = moe_layers(model)
     for layer in layers:
-        layer._grouped_mm, layer._grouped_kernel = kernel_matmul(kernel), kernel
-        if runs_grouped(layer):
-            continue  # already switched
-        layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
-        layer.moe = types.MethodType(grouped_moe, layer)
-        if any(stack.a is not None and stack.a.requires_grad for stack in layer._grouped_stacks):
-            device = layer._grouped_stacks[0].weight.device
-            layer.register_parameter(PICKS, nn.Parameter(torch.zeros(len(layer.experts), device=device)))
+        layer._grouped_mm = kernel_matmul(kernel)
+        if not runs_grouped(layer):
+            layer._grouped_stacks = [build_stack(layer, name) for name in PROJECTIONS]
+            layer.moe = types.MethodType(grouped_moe, layer)
+            if any(stack.a is not None and stack.a.requires_grad for stack in layer._grouped_stacks):
+                device = layer._grouped_stacks[0].weight.device
+                layer.register_parameter(PICKS, nn.Parameter(torch.zeros(len(layer.experts), device=device)))
+        layer._grouped_kernel = kernel  # once switched (fast/layout.py's block_kernel reads it)
     return len(layers)
 
 

@@ -106,7 +106,9 @@ def test_the_loss_and_the_weights_are_hf_trainers(ours, v2_dir, lines_dir, tmp_p
     reference, theirs = hf_trainer(v2_dir, lines_dir, tmp_path, start)
     assert len(losses) == len(reference) == STEPS
     assert losses == pytest.approx(reference, rel=1e-6)  # float32 rounding (measured: 8e-8)
-    assert weights.keys() == theirs.keys() and update_gap(weights, theirs, start) < 1e-6  # (measured: 0)
+    # ours runs the experts grouped with LoRA unfolded (x W^T + s (x A^T) B^T) where PEFT folds it into the weight,
+    # x (W + s B A)^T: float32 rounding apart (measured: 2.8e-6 of the update; 26 % for the mean of micro-batch means)
+    assert weights.keys() == theirs.keys() and update_gap(weights, theirs, start) < 1e-5
 
 
 def test_the_mean_of_micro_batch_means_is_told_apart(ours, v2_dir, lines_dir, tmp_path):

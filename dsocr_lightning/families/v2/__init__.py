@@ -1,7 +1,8 @@
 """DeepSeek-OCR 2 on transformers' own implementation (`deepseek_ocr2`, transformers >= 5.10; the `v2` extra).
 
 Its parts: the config of the public checkpoint (`config.py`), loading and LoRA on the fused 3-D experts
-(`loading.py`, `lora.py`), the processor-based collator (`collate.py`), the static-cache decoder's parts
+(`loading.py`, `lora.py`), those experts as grouped matmuls with their LoRA (`experts.py`; the compiled layers and
+their CUDA graphs are the shared ones of `fast/`), the processor-based collator (`collate.py`), the static-cache decoder's parts
 (`decode.py`), the merge (`export.py`) and the tiny TEST STAND-IN (`standin.py`). Importing this package imports
 nothing heavy; its modules need transformers 5.
 """
@@ -32,16 +33,9 @@ class V2(Family):
     checkpoints = NATIVE
     forward_keys = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_values_local", "num_local_patches")
     pixel_keys = ("pixel_values", "pixel_values_local")
-    ignores = (
-        "fast.grouped_experts",
-        "fast.batched_vision",
-        "fast.vision_chunk",
-        "fast.compile_layers",
-        "fast.layer_graphs",
-        "fast.graph_pad_multiple",
-        "unsloth_force_compile",
-        "trust_remote_code",
-    )  # v1's patches, Unsloth's, the remote code's
+    # transformers runs the vision tower over all views of a batch itself (global views, then crops); Unsloth's, the
+    # remote code's
+    ignores = ("fast.batched_vision", "fast.vision_chunk", "unsloth_force_compile", "trust_remote_code")
     # transformers' forward passes `num_items_in_batch` on to its loss: HF Trainer normalises each optimizer step's
     # loss by the label tokens of all its micro-batches, and so does the module (training/step_tokens.py)
     step_token_loss = True
@@ -64,10 +58,9 @@ class V2(Family):
         return bool(saved.get("target_parameters"))  # LoRA on 3-D expert parameters: v1 adapters name Linears only
 
     def decide(self, model: Any, trainer: Any, gpu: bool, dtype: torch.dtype) -> Any:
-        from ...training.plan import RunPlan, dtype_name
+        from .loading import decide
 
-        # transformers' own model: no remote code, no Unsloth, its own expert kernels
-        return RunPlan("v2", "transformers", "", dtype_name(dtype), "DeepSeek-OCR 2 runs on transformers' own code")
+        return decide(model, gpu, dtype)
 
     def preflight(self, model: Any) -> None:
         from ...training.checks import ConfigError
@@ -91,9 +84,9 @@ class V2(Family):
 
     def after_load(self, model: Any, settings: Any, lora: Any, backend: str, device: torch.device,
                    compute_dtype: torch.dtype, plan: Any) -> None:  # fmt: skip
-        from .loading import report
+        from .loading import fast_paths
 
-        report(model, lora)
+        fast_paths(model, settings, lora, device, compute_dtype, plan)
 
     def load_text_side(self, name_or_path: str, trust_remote_code: bool, revision: str | None) -> Any:
         from .loading import load_processor

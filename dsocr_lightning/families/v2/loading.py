@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ...fast import FastPaths, KernelChoice, compiled_layers_line, expert_kernel
 from ...training.loading import LoadSettings, LoraSettings, absolute_source, resolve_dtype
+from ...training.plan import RunPlan, dtype_name
 from . import v1_only
+from .experts import patch_grouped_experts
 from .lora import apply_lora, groups_report, peft_config
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,34 @@ def load(settings: LoadSettings, lora: LoraSettings) -> tuple[Any, Any, str]:
     return apply_lora(model, config, lora.experts), processor, "transformers"
 
 
-def report(model: Any, lora: LoraSettings) -> None:
-    """The adapted groups, and the experts' kernel (transformers' own), logged."""
+def decide(model: Any, gpu: bool, dtype: torch.dtype) -> RunPlan:
+    """The run plan: transformers' own model (no remote code, no Unsloth); the experts on the grouped kernel of the
+    shared rule (`fast.grouped_experts`), or on transformers' own kernel where `fast.experts_implementation` or
+    `fast.grouped_experts: loop` asks for it."""
+    fast = model["fast"] if isinstance(model["fast"], FastPaths) else FastPaths(**model["fast"])
+    kernel = expert_kernel(fast, torch.device("cuda" if gpu else "cpu"), dtype)
+    if fast.experts_implementation:
+        kernel = KernelChoice("loop", f"fast.experts_implementation {fast.experts_implementation!r}")
+    why = kernel.why if kernel.name != "loop" else f"transformers' own kernel with PEFT's LoRA ({kernel.why})"
+    return RunPlan("v2", "transformers", kernel.name, dtype_name(dtype), f"DeepSeek-OCR 2 on transformers' code; "
+                   f"experts: {why}")  # fmt: skip
+
+
+def fast_paths(model: Any, settings: LoadSettings, lora: LoraSettings, device: torch.device,
+               compute_dtype: torch.dtype, plan: Any) -> None:  # fmt: skip
+    """The adapted groups, then the fast paths (grouped experts on the plan's kernel, the shared compiled layers and
+    CUDA graphs), each logged with what runs and why."""
     for line in groups_report(model):
         rank_zero_info(line)
-    experts = model.get_base_model().config.text_config._experts_implementation
-    log.info("fast path: experts: transformers' %r with LoRA (%s layout); v1's grouped-experts patch does not apply "
-             "to fused experts", experts, lora.experts)  # fmt: skip
+    kernel = plan.experts if plan and plan.experts else decide({"fast": settings.fast}, device.type == "cuda",
+                                                               compute_dtype).experts  # fmt: skip
+    if kernel == "loop":
+        implementation = model.get_base_model().config.text_config._experts_implementation
+        experts = f"experts: transformers' {implementation!r} with PEFT's LoRA ({lora.experts} layout)"
+    else:
+        experts = f"grouped experts: {patch_grouped_experts(model, kernel)} MoE layers, {kernel} kernel, LoRA included"
+    for line in [experts, compiled_layers_line(model, settings.fast, device, compute_dtype)]:
+        log.info("fast path: %s", line)
 
 
 def load_adapter_weights(model: Any, adapter_path: str) -> None:

@@ -1,0 +1,124 @@
+"""DeepSeek-OCR 2's grouped experts with LoRA (families/v2/experts.py) equal PEFT's own forward on the fused 3-D
+experts (the reference: PEFT folds W + s B A, transformers multiplies): loss and every LoRA gradient, both expert
+layouts; the adapter off; and the shared compiled decoder layers on v2's layers equal the eager ones."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from dsocr_lightning.fast import FastPaths
+from dsocr_lightning.fast.compiled_layers import compile_layers
+from dsocr_lightning.fast.layout import block_kernel, decoder_layers, expert_blocks
+
+pytest.importorskip("transformers.models.deepseek_ocr2")
+
+
+def peft_model(v2_dir, layout: str, r: int = 4):
+    """The stand-in with LoRA (B random, so every adapter moves the outputs)."""
+    from transformers import AutoModelForImageTextToText
+
+    from dsocr_lightning.families.v2.lora import apply_lora, peft_config
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(v2_dir)
+    model = apply_lora(model, peft_config(r, 2 * r, 0.0, False, layout, False), layout)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def grouped_pair(v2_dir, layout: str, r: int = 4):
+    from dsocr_lightning.families.v2.experts import patch_grouped_experts
+
+    reference = peft_model(v2_dir, layout, r)
+    grouped = copy.deepcopy(reference)
+    assert patch_grouped_experts(grouped, "native") == 1  # the stand-in's one MoE layer
+    return reference, grouped
+
+
+def loss_and_grads(model, ids: torch.Tensor, autocast: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(got: dict, expected: dict, rel: float) -> None:
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        gap = (got[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
+        assert gap < rel, (name, float(gap))
+
+
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_grouped_experts_equal_pefts_forward(v2_dir, layout):
+    reference, grouped = grouped_pair(v2_dir, layout)
+    ids = torch.randint(3, 60, (3, 24), generator=torch.Generator().manual_seed(1))
+    (expected, expected_grads), (got, got_grads) = loss_and_grads(reference, ids), loss_and_grads(grouped, ids)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert sum(".experts." in name for name in got_grads) == (6 if layout == "split" else 4)  # every expert A and B
+    assert_close(got_grads, expected_grads, rel=1e-5)  # float32 (measured: 7e-7)
+    assert grouped.state_dict().keys() == reference.state_dict().keys()  # PEFT's names: adapters do not change
+
+
+def test_the_adapter_off_is_the_base_model(v2_dir):
+    reference, grouped = grouped_pair(v2_dir, "split")
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), reference.disable_adapter(), grouped.disable_adapter():
+        expected, got = (m(input_ids=ids).logits for m in (reference, grouped))
+    with torch.no_grad():
+        adapted = grouped(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-3)  # the LoRA does move the logits
+
+
+def test_compiled_v2_layers_equal_the_eager_layers(v2_dir):
+    """The shared compiled layers (aot_eager on a CPU: dynamo's trace and AOTAutograd's joint graph) find v2's decoder
+    layers and train as the eager grouped ones, under bf16 autocast as on a GPU."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _, eager = grouped_pair(v2_dir, "split", r=8)  # compiled, the grouped matmul wants 16-byte rows: 8 bf16
+    compiled = copy.deepcopy(eager.train())  # (compiled forwards are training forwards)
+    assert compile_layers(compiled, backend="aot_eager") == len(decoder_layers(compiled)) == 2
+    assert [block_kernel(block) for block in expert_blocks(decoder_layers(compiled))] == ["native"]
+    for length in (24, 40):
+        ids = torch.randint(3, 60, (2, length), generator=torch.Generator().manual_seed(length))
+        (expected, expected_grads), (got, got_grads) = (
+            loss_and_grads(m, ids, autocast=True) for m in (eager, compiled)
+        )
+        assert got == pytest.approx(expected, rel=1e-2)
+        assert_close(got_grads, expected_grads, rel=5e-2)  # bf16: fused ops round in other places
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path did run
+
+
+@pytest.mark.parametrize(
+    ("fast", "expected"),
+    [
+        ({}, "native"),  # the CPU's grouped matmul (ATen's per-group loop)
+        ({"grouped_experts": "loop"}, "loop"),
+        ({"experts_implementation": "eager"}, "loop"),
+    ],
+)
+def test_the_plan_decides_the_experts_once(fast, expected):
+    from dsocr_lightning.families.v2.loading import decide
+
+    plan = decide({"fast": FastPaths(**fast)}, gpu=False, dtype=torch.float32)
+    assert (plan.version, plan.experts) == ("v2", expected), plan.why
+
+
+def test_fast_paths_say_what_runs(v2_dir, caplog):
+    from dsocr_lightning.families.v2.loading import decide, fast_paths
+    from dsocr_lightning.training.loading import LoadSettings, LoraSettings
+
+    model = peft_model(v2_dir, "split")
+    plan = decide({"fast": FastPaths()}, gpu=False, dtype=torch.float32)
+    with caplog.at_level(logging.INFO):
+        fast_paths(model, LoadSettings(), LoraSettings(), torch.device("cpu"), torch.float32, plan)
+    assert "grouped experts: 1 MoE layers, native kernel" in caplog.text
+    assert "compiled decoder layers: off (" in caplog.text  # (a CPU: no inductor build, no bf16 grouped matmul)
