@@ -215,7 +215,7 @@ class DeepSeekOCRModule(L.LightningModule):
         token loss divided by that, as HF Trainer passes it."""
         keys = self.family.forward_keys
         if self.graph_pad and self.training:  # a CUDA graph holds one length: a few lengths, a few graphs
-            batch = pad_length(batch, self.graph_pad, self.tokenizer.pad_token_id)
+            batch = pad_length(batch, self.graph_pad, self.family.tokenizer(self.tokenizer).pad_token_id)
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's backward ran: its buffers are free
         # no KV cache: the remote code builds one by default (config.use_cache), even in training, where nothing
         # reads it; its per-layer `layer_idx` also made torch.compile trace every layer anew (fast/compiled_layers.py)

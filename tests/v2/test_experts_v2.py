@@ -122,3 +122,25 @@ def test_fast_paths_say_what_runs(v2_dir, caplog):
         fast_paths(model, LoadSettings(), LoraSettings(), torch.device("cpu"), torch.float32, plan)
     assert "grouped experts: 1 MoE layers, native kernel" in caplog.text
     assert "compiled decoder layers: off (" in caplog.text  # (a CPU: no inductor build, no bf16 grouped matmul)
+
+
+def test_graph_padding_reads_the_pad_id_through_the_processor(v2_dir, processor):
+    """The module's training forward pads v2 batches for the layer graphs with the processor's tokenizer's PAD: the
+    same loss as unpadded (a v2 run with graphs once failed here, the processor has no pad_token_id)."""
+    import types
+
+    from dsocr_lightning.families import family
+    from dsocr_lightning.training.module import DeepSeekOCRModule
+
+    model = peft_model(v2_dir, "split").train()
+    ids = torch.randint(3, 60, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a shorter second row: right padding already
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    batch |= dict.fromkeys(("pixel_values", "pixel_values_local", "num_local_patches"))
+    losses = []
+    for pad in (0, 32):
+        fake = types.SimpleNamespace(backend="transformers", model=model, graph_pad=pad, training=True,
+                                     tokenizer=processor, family=family("v2"))  # fmt: skip
+        losses.append(DeepSeekOCRModule.forward(fake, batch).loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)

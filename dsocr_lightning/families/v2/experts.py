@@ -50,20 +50,30 @@ def projections(experts: nn.Module) -> list[ExpertProjection]:
     return [ExpertProjection(name, wrappers.get(name)) for name in [*names, "down_proj"]]
 
 
-def lora_stack(wrapper: nn.Module | None) -> LoraStack | None:
-    """The wrapper's one active adapter as A [E, r, in], B [E, out, r]; None where peft would apply none."""
-    if wrapper is None or wrapper.disable_adapters or wrapper.merged:
-        return None
+def adapter_of(wrapper: nn.Module) -> str | None:
+    """The wrapper's one active adapter (None: none active; TypeError: several)."""
     adapters = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
-    if not adapters:
-        return None
     if len(adapters) > 1:
         raise TypeError("grouped experts support one active LoRA adapter")
-    (adapter,) = adapters
+    return adapters[0] if adapters else None
+
+
+def lora_stack(wrapper: nn.Module | None) -> LoraStack | None:
+    """The wrapper's one active adapter as A [E, r, in], B [E, out, r]; None where peft would apply none."""
+    if wrapper is None or wrapper.disable_adapters or wrapper.merged or (adapter := adapter_of(wrapper)) is None:
+        return None
     experts = wrapper.num_experts
     a = wrapper.lora_A[adapter].weight.view(experts, -1, wrapper.in_features)
-    b = wrapper.lora_B[adapter].weight.view(wrapper.out_features, -1, experts).permute(2, 0, 1).contiguous()
+    b = wrapper.lora_B[adapter].weight.reshape(-1)[wrapper._expert_major]  # [E, out, r], contiguous
     return LoraStack(a, b, float(wrapper.scaling[adapter]), nn.Identity())
+
+
+def expert_major_index(out: int, rank: int, experts: int) -> torch.Tensor:
+    """[E, out, r] positions in PEFT's flat B [out, r * E] (B_e[o, j] at o * r * E + j * E + e). A gather, not
+    `.permute(...).contiguous()`: compiled, inductor gave that copy the permuted strides (it follows its input's
+    order), which the grouped matmul refuses (measured: torch 2.11 on an H200, 2.13 on a CPU)."""
+    e, o, j = torch.meshgrid(torch.arange(experts), torch.arange(out), torch.arange(rank), indexing="ij")
+    return o * rank * experts + j * experts + e
 
 
 def grouped_experts(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -102,6 +112,10 @@ def patch_grouped_experts(model: nn.Module, kernel: str) -> int:
         experts.__dict__["_grouped_base"] = unwrap(experts)[0]  # (not as a submodule: no second name in state_dict)
         experts._grouped_projections = projections(experts)
         experts._grouped_mm = kernel_matmul(kernel)
+        for wrapper in (part.wrapper for part in experts._grouped_projections if part.wrapper is not None):
+            rank = next(iter(wrapper.lora_B.values())).weight.shape[1] // wrapper.num_experts
+            index = expert_major_index(wrapper.out_features, rank, wrapper.num_experts)
+            wrapper.register_buffer("_expert_major", index.to(block.gate.weight.device), persistent=False)
         experts.forward = types.MethodType(grouped_experts, experts)
         block._grouped_kernel = kernel
     return len(blocks)
