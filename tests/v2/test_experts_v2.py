@@ -144,3 +144,12 @@ def test_graph_padding_reads_the_pad_id_through_the_processor(v2_dir, processor)
                                      tokenizer=processor, family=family("v2"))  # fmt: skip
         losses.append(DeepSeekOCRModule.forward(fake, batch).loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_no_compiled_layers_with_gradient_checkpointing_and_the_log_says_why(v2_dir):
+    from dsocr_lightning.families.v2.loading import CHECKPOINTED, compiled_line
+    from dsocr_lightning.training.loading import LoadSettings
+
+    model = peft_model(v2_dir, "split")
+    line = compiled_line(model, LoadSettings(gradient_checkpointing=True), torch.device("cuda"), torch.bfloat16)
+    assert CHECKPOINTED in line and not any(hasattr(layer, "_compiled_forward") for layer in decoder_layers(model))
