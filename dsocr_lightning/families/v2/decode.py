@@ -15,8 +15,9 @@ from ...fast.layout import causal_lm
 # Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_fit_v2.py); on a GPU,
 # `auto` keeps `generate` until a benchmark shows the static path faster there.
 UNMEASURED = "DeepSeek-OCR 2's static-cache decoder is not measured on a GPU yet; decoding: static asks for it"
-# transformers' experts: the eager loop asks which experts were hit (`nonzero`), a read-back a graph cannot hold
-GRAPH_BLOCKER = "DeepSeek-OCR 2's graph capture is not measured yet (its experts read token counts back)"
+# transformers' experts loop asks which experts were hit (`nonzero`), a read-back a graph cannot hold; the grouped
+# experts (experts.py) read nothing back, but their decoding graphs are not measured yet
+GRAPH_BLOCKER = "DeepSeek-OCR 2's graph capture is not measured on a GPU yet"
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts | None:
