@@ -7,7 +7,8 @@ change) are applied the way peft applies a Linear's, y = x W_e^T + s * (x A_e^T)
 v1's experts run (`fast/grouped_mm.py`: tokens sorted by expert, one kernel per projection, torch's or Triton's).
 
 PEFT's layout for an adapted [E, out, in] parameter (its `_did_swap_in_out_features`): lora_A.weight [E * r, in]
-is A [E, r, in] row-major; lora_B.weight [out, r * E] holds B_e[:, j] at column j * E + e. Both are read as views.
+is A [E, r, in] row-major (read as a view); lora_B.weight [out, r * E] holds B_e[:, j] at column j * E + e (its
+columns are gathered expert-major each forward: r * E columns, a few MB).
 The reference it must equal is PEFT's own forward (the wrapper's class `forward`): tests/v2/test_experts_v2.py.
 """
 
@@ -64,16 +65,16 @@ def lora_stack(wrapper: nn.Module | None) -> LoraStack | None:
         return None
     experts = wrapper.num_experts
     a = wrapper.lora_A[adapter].weight.view(experts, -1, wrapper.in_features)
-    b = wrapper.lora_B[adapter].weight.reshape(-1)[wrapper._expert_major]  # [E, out, r], contiguous
-    return LoraStack(a, b, float(wrapper.scaling[adapter]), nn.Identity())
+    # B's columns gathered expert-major: [out, E * r], read as B_e [E, out, r] (row stride E * r, unit column stride)
+    b = wrapper.lora_B[adapter].weight[:, wrapper._expert_major].view(wrapper.out_features, experts, -1)
+    return LoraStack(a, b.transpose(0, 1), float(wrapper.scaling[adapter]), nn.Identity())
 
 
-def expert_major_index(out: int, rank: int, experts: int) -> torch.Tensor:
-    """[E, out, r] positions in PEFT's flat B [out, r * E] (B_e[o, j] at o * r * E + j * E + e). A gather, not
-    `.permute(...).contiguous()`: compiled, inductor gave that copy the permuted strides (it follows its input's
-    order), which the grouped matmul refuses (measured: torch 2.11 on an H200, 2.13 on a CPU)."""
-    e, o, j = torch.meshgrid(torch.arange(experts), torch.arange(out), torch.arange(rank), indexing="ij")
-    return o * rank * experts + j * experts + e
+def expert_major_columns(rank: int, experts: int) -> torch.Tensor:
+    """For column e * r + j of an expert-major B, its column in PEFT's B [out, r * E] (B_e[:, j] at j * E + e). A
+    gather, not `.permute(...).contiguous()`: compiled, inductor gave that copy the permuted strides (it follows its
+    input's order), which the grouped matmul refuses (measured: torch 2.11 on an H200, 2.13 on a CPU)."""
+    return (torch.arange(experts)[:, None] + torch.arange(rank)[None, :] * experts).reshape(-1)
 
 
 def grouped_experts(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -114,8 +115,8 @@ def patch_grouped_experts(model: nn.Module, kernel: str) -> int:
         experts._grouped_mm = kernel_matmul(kernel)
         for wrapper in (part.wrapper for part in experts._grouped_projections if part.wrapper is not None):
             rank = next(iter(wrapper.lora_B.values())).weight.shape[1] // wrapper.num_experts
-            index = expert_major_index(wrapper.out_features, rank, wrapper.num_experts)
-            wrapper.register_buffer("_expert_major", index.to(block.gate.weight.device), persistent=False)
+            columns = expert_major_columns(rank, wrapper.num_experts).to(block.gate.weight.device)
+            wrapper.register_buffer("_expert_major", columns, persistent=False)  # (moves with the model)
         experts.forward = types.MethodType(grouped_experts, experts)
         block._grouped_kernel = kernel
     return len(blocks)
