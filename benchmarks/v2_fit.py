@@ -186,6 +186,8 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT, env=env)
     reference = json.loads((work / "reference.json").read_text())
     write_result(args, ours, reference)
+    if any("error" in run for run in ours.values()):
+        sys.exit(f"runs that failed: {[name for name, run in ours.items() if 'error' in run]} (their logs above)")
 
 
 def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
@@ -196,12 +198,14 @@ def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
 
     default, _ = count_on_meta(full_size_config())
     with_encoder, _ = count_on_meta(full_size_config(), encoder=True)
-    main_run = next(iter(ours.values()))
+    main_run = next((run for run in ours.values() if "error" not in run), {})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
     for run in (run for run in ours.values() if "error" not in run):
         run["x_reference"] = run["samples_per_s"] / reference["samples_per_s"]
-        if "losses" in ours.get("eager", {}):
-            run["max_loss_diff_vs_eager"] = max(abs(a - b) for a, b in zip(run["losses"], ours["eager"]["losses"]))
+        if "losses" in ours.get("eager", {}) and run is not ours["eager"]:
+            run["max_loss_diff_vs_eager"] = max(
+                abs(a - b) for a, b in zip(run["losses"], ours["eager"]["losses"], strict=True)
+            )
     result = {
         "device": device
         + (" (tiny TEST STAND-IN: a dry run, not a measurement of DeepSeek-OCR 2)" if args.tiny else ""),

@@ -12,6 +12,7 @@ import torch
 
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.fast.compiled_layers import compile_layers
+from dsocr_lightning.fast.grouped_mm import route
 from dsocr_lightning.fast.layout import block_kernel, decoder_layers, expert_blocks
 
 pytest.importorskip("transformers.models.deepseek_ocr2")
@@ -57,19 +58,27 @@ def assert_close(got: dict, expected: dict, rel: float) -> None:
 
 
 @pytest.mark.parametrize("layout", ["split", "fused"])
-def test_grouped_experts_equal_pefts_forward(v2_dir, layout):
+def test_grouped_experts_equal_pefts_forward(v2_dir, layout, monkeypatch):
+    from dsocr_lightning.families.v2 import experts
+
     reference, grouped = grouped_pair(v2_dir, layout)
+    routed = []
+    monkeypatch.setattr(experts, "route", lambda *args: routed.append(1) or route(*args))
     ids = torch.randint(3, 60, (3, 24), generator=torch.Generator().manual_seed(1))
     (expected, expected_grads), (got, got_grads) = loss_and_grads(reference, ids), loss_and_grads(grouped, ids)
+    assert routed == [1]  # the grouped path ran (once: the stand-in's one MoE layer), PEFT's did for the reference
     assert got == pytest.approx(expected, rel=1e-6)
     assert sum(".experts." in name for name in got_grads) == (6 if layout == "split" else 4)  # every expert A and B
     assert_close(got_grads, expected_grads, rel=1e-5)  # float32 (measured: 7e-7)
     assert grouped.state_dict().keys() == reference.state_dict().keys()  # PEFT's names: adapters do not change
 
 
-def test_the_adapter_off_is_the_base_model(v2_dir):
+@pytest.mark.parametrize("merged", [False, True])
+def test_the_adapter_off_is_the_base_model(v2_dir, merged):
     reference, grouped = grouped_pair(v2_dir, "split")
     ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(2))
+    if merged:  # adapters off after a merge: peft unmerges on the fly, and so must the grouped experts
+        reference.merge_adapter(), grouped.merge_adapter()
     with torch.no_grad(), reference.disable_adapter(), grouped.disable_adapter():
         expected, got = (m(input_ids=ids).logits for m in (reference, grouped))
     with torch.no_grad():
@@ -103,11 +112,16 @@ def test_compiled_v2_layers_equal_the_eager_layers(v2_dir):
         ({}, "native"),  # the CPU's grouped matmul (ATen's per-group loop)
         ({"grouped_experts": "loop"}, "loop"),
         ({"experts_implementation": "eager"}, "loop"),
+        ({"experts_implementation": "eager", "grouped_experts": "triton"}, "refused"),  # (triton: none on a CPU)
     ],
 )
 def test_the_plan_decides_the_experts_once(fast, expected):
     from dsocr_lightning.families.v2.loading import decide
 
+    if expected == "refused":  # two settings that contradict each other: neither is swapped for the other
+        with pytest.raises(ValueError, match="set one"):
+            decide({"fast": FastPaths(**fast)}, gpu=False, dtype=torch.float32)
+        return
     plan = decide({"fast": FastPaths(**fast)}, gpu=False, dtype=torch.float32)
     assert (plan.version, plan.experts) == ("v2", expected), plan.why
 

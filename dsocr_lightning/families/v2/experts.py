@@ -61,9 +61,13 @@ def adapter_of(wrapper: nn.Module) -> str | None:
 
 def lora_stack(wrapper: nn.Module | None) -> LoraStack | None:
     """The wrapper's one active adapter as A [E, r, in], B [E, out, r]; None where peft would apply none."""
+    if wrapper is not None and wrapper.disable_adapters and wrapper.merged:
+        wrapper.unmerge()  # what peft's own forward does: adapters off means the base weights
     if wrapper is None or wrapper.disable_adapters or wrapper.merged or (adapter := adapter_of(wrapper)) is None:
         return None
     experts = wrapper.num_experts
+    if wrapper.lora_B[adapter].weight.shape[1] != wrapper._expert_major.numel():
+        raise TypeError(f"grouped experts were set up for another LoRA rank than adapter {adapter!r}'s; patch again")
     a = wrapper.lora_A[adapter].weight.view(experts, -1, wrapper.in_features)
     # B's columns gathered expert-major: [out, E * r], read as B_e [E, out, r] (row stride E * r, unit column stride)
     b = wrapper.lora_B[adapter].weight[:, wrapper._expert_major].view(wrapper.out_features, experts, -1)

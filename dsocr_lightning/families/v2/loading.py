@@ -72,9 +72,13 @@ def decide(model: Any, gpu: bool, dtype: torch.dtype) -> RunPlan:
     shared rule (`fast.grouped_experts`), or on transformers' own kernel where `fast.experts_implementation` or
     `fast.grouped_experts: loop` asks for it."""
     fast = model["fast"] if isinstance(model["fast"], FastPaths) else FastPaths(**model["fast"])
-    kernel = expert_kernel(fast, torch.device("cuda" if gpu else "cpu"), dtype)
+    if fast.experts_implementation and fast.grouped_experts not in ("auto", "loop"):
+        raise ValueError(f"fast.experts_implementation {fast.experts_implementation!r} runs transformers' experts "
+                         f"kernel, fast.grouped_experts {fast.grouped_experts!r} the grouped experts: set one")  # fmt: skip
     if fast.experts_implementation:
         kernel = KernelChoice("loop", f"fast.experts_implementation {fast.experts_implementation!r}")
+    else:
+        kernel = expert_kernel(fast, torch.device("cuda" if gpu else "cpu"), dtype)
     why = kernel.why if kernel.name != "loop" else f"transformers' own kernel with PEFT's LoRA ({kernel.why})"
     return RunPlan("v2", "transformers", kernel.name, dtype_name(dtype), f"DeepSeek-OCR 2 on transformers' code; "
                    f"experts: {why}")  # fmt: skip
