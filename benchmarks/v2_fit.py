@@ -75,6 +75,7 @@ def fit_command(args: argparse.Namespace, model: Path, lines: Path, logs: Path, 
         "--data.shuffle", "false", "--data.num_workers", "0" if args.tiny else "2", "--trainer.limit_val_batches", "0",
         "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
         "--last_checkpoint.every_n_train_steps", "0", "--trainer.logger.init_args.save_dir", str(logs),
+        *(["--gpu_profile.batch", str(4 * WARMUP + 4)] if args.profile else []),  # a step's last micro-batch
     ]  # fmt: skip
 
 
@@ -86,8 +87,21 @@ def our_fit(args: argparse.Namespace, model: Path, lines: Path, run: str) -> dic
     version = max((logs / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
     values = scalars(version)
     speeds = values["perf/samples_per_s"][WARMUP:] or values["perf/samples_per_s"]
+    profiled = {key.removeprefix("perf/"): values[key][0] for key in PROFILED if key in values}
     return {"settings": " ".join(RUNS[run]), "first_loss": values["train/loss"][0], "losses": values["train/loss"],
-            "samples_per_s": statistics.median(speeds)}  # fmt: skip
+            "samples_per_s": statistics.median(speeds), **peak(values), **profiled}  # fmt: skip
+
+
+PROFILED = ("perf/gpu_busy", "perf/kernel_launches", "perf/profiled_wall_s", "perf/gpu_kernel_s")
+
+
+def peak(values: dict[str, list[float]]) -> dict[str, float]:
+    """The run's peak allocated / reserved GiB (a GPU run logs them every step)."""
+    return {
+        key.removeprefix("perf/"): max(values[key])
+        for key in ("perf/peak_allocated_gib", "perf/peak_reserved_gib")
+        if key in values
+    }
 
 
 def run_reference(args: argparse.Namespace) -> None:
@@ -154,6 +168,8 @@ def run_reference(args: argparse.Namespace) -> None:
     trainer.train()
     steps = timer.times[WARMUP:] or timer.times
     row = {"first_loss": timer.losses[0], "losses": timer.losses, "samples_per_s": 8 / statistics.median(steps)}
+    if torch.cuda.is_available() and not args.tiny:
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     (work / "reference.json").write_text(json.dumps(row))
 
 
@@ -165,6 +181,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=None, help="training lines to render (default: 8 per step)")
     parser.add_argument("--lines-from", help="an imagefolder of lines to copy instead of rendering them")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=None, help="our runs (default: all; --tiny: fast)")
+    parser.add_argument("--profile", action="store_true", help="our runs profile one micro-batch (perf/gpu_busy, ...)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = parser.parse_args()
@@ -223,6 +240,7 @@ def write_result(args: argparse.Namespace, ours: dict, reference: dict) -> None:
         if "first_loss" in main_run
         else None,
         "reference_samples_per_s": reference["samples_per_s"],
+        "reference_peak_allocated_gib": reference.get("peak_allocated_gib"),
         "reference_losses": reference["losses"],
         "runs": ours,
         "steps": args.steps,
