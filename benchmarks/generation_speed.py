@@ -5,8 +5,9 @@ python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64]
     [--paths graphs generate] [--long 1024] [--same-tokens 64] [--predict-lines 1000] [--adapter DIR]
     [--dtype float16 --kernel triton] [--json benchmarks/results/decode_speed.json]
 
-MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py); LINES_DIR: an imagefolder of lines
-(its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
+MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py; for DeepSeek-OCR 2, v2_fit.py's
+WORK/model, in the v2 environment: its family comes from the checkpoint, and there `graphs` is refused until it is
+measured, so `--paths static generate`); LINES_DIR: an imagefolder of lines (its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
 weights no line ends early, so every row generates batch x max-new-tokens tokens; times include the prefill with
 the vision towers, not a graph's capture (a warm-up call of the same shape runs first). `--paths`: the
 `decoding` settings to time (graphs: static KV cache + CUDA graphs, the default; generate: transformers'
@@ -41,6 +42,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.nn.attention import SDPBackend
 
 from dsocr_lightning.data.datamodule import OCRDataModule
+from dsocr_lightning.families import family
+from dsocr_lightning.families.detect import checkpoint_version
 from dsocr_lightning.fast import FastPaths
 from dsocr_lightning.training import generation
 from dsocr_lightning.training.generation import GenerationSettings, generate_tokens
@@ -51,6 +54,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 KERNEL = "auto"  # --kernel: the grouped-expert kernel of the fast path (the loop where --loop or a reference)
+FAMILY = None  # the checkpoint's model family (set in main): its pixel keys and its tokenizer's PAD
 
 
 def load(model_dir: str, loop: bool, dtype: str = "auto", adapter: str | None = None) -> tuple:
@@ -72,9 +76,7 @@ def line_batches(args: argparse.Namespace) -> tuple:
 
 def batch_of(collate, samples, indices, dtype: torch.dtype | None = None) -> dict:
     batch = move_data_to_device(collate([samples[i] for i in indices]), DEVICE)
-    dtype = dtype or (torch.bfloat16 if CUDA else torch.float32)
-    batch["images"] = [(c.to(dtype), g.to(dtype)) for c, g in batch["images"]]
-    return batch
+    return FAMILY.cast_pixels(batch, dtype or (torch.bfloat16 if CUDA else torch.float32))
 
 
 def timed_generate(model, tokenizer, batch: dict, new_tokens: int, path: str) -> tuple[float, torch.Tensor]:
@@ -92,7 +94,7 @@ def speed_row(model, tokenizer, lines: tuple, size: int, new_tokens: int, path: 
     timed_generate(model, tokenizer, batch, new_tokens, path)  # warm-up (and the graph's capture)
     torch.cuda.reset_peak_memory_stats() if CUDA else None
     seconds, new = timed_generate(model, tokenizer, batch, new_tokens, path)
-    tokens = int((new != tokenizer.pad_token_id).sum())
+    tokens = int((new != FAMILY.tokenizer(tokenizer).pad_token_id).sum())
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
     row = {"batch": size, "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
            "path": f"{path} ({experts})", "max_new_tokens": new_tokens, "peak_allocated_gib": peak,
@@ -103,9 +105,9 @@ def speed_row(model, tokenizer, lines: tuple, size: int, new_tokens: int, path: 
 
 
 def experts_kernel(model) -> str:
-    from dsocr_lightning.fast.moe import grouped_kernel, moe_layers
+    from dsocr_lightning.fast.layout import block_kernel, decoder_layers, expert_blocks
 
-    return grouped_kernel(moe_layers(model)[0]) or "loop"
+    return block_kernel(expert_blocks(decoder_layers(model))[0]) or "loop"
 
 
 def speed_rows(model, tokenizer, lines: tuple, args: argparse.Namespace) -> list[dict]:
@@ -125,7 +127,7 @@ def first_tokens(model, tokenizer, lines: tuple, count: int, path: str, batch: i
     """The first 32 greedy tokens of `count` lines, `[count, 32]`, in the model's dtype."""
     parts = [timed_generate(model, tokenizer, batch_of(*lines, range(i, min(i + batch, count)), model.dtype), 32,
                             path)[1].cpu() for i in range(0, count, batch)]  # fmt: skip
-    pad = tokenizer.pad_token_id  # a batch whose rows all ended early is narrower
+    pad = FAMILY.tokenizer(tokenizer).pad_token_id  # a batch whose rows all ended early is narrower
     return torch.cat([torch.nn.functional.pad(part, (0, 32 - part.shape[1]), value=pad) for part in parts])
 
 
@@ -248,8 +250,9 @@ def main() -> None:
     parser.add_argument("--kernel", default="auto", help="fast.grouped_experts of the fast path")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/decode_speed.json")
     args = parser.parse_args()
-    global KERNEL
+    global KERNEL, FAMILY
     KERNEL = args.kernel
+    FAMILY = family(checkpoint_version(args.model_dir, None, args.adapter))
     lines = line_batches(args)
     model, tokenizer = load(args.model_dir, args.loop, dtype=args.dtype, adapter=args.adapter)
     print("| path | batch | max new tokens | new tokens | seconds | new tokens / s | peak allocated GiB |")
