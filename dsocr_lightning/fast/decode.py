@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .grouped_mm import drop_cast_copies, native_runs_fused
-from .layout import causal_lm
-from .moe import base_linear, grouped_kernel, moe_blocks, runs_grouped
+from .layout import block_kernel, causal_lm, expert_blocks
 
 if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
@@ -74,14 +73,14 @@ def graph_blocker(parts: DecoderParts) -> str | None:
     """Why a decode step of these layers cannot be captured as a CUDA graph, or None."""
     if parts.graph_blocker:
         return parts.graph_blocker
-    moe = moe_blocks(parts.layers)
-    if not all(runs_grouped(mlp) for mlp in moe):
+    blocks = expert_blocks(parts.layers)
+    kernels = [block_kernel(block) for block in blocks]
+    if not all(kernels):
         return "transformers' expert loop reads token counts back to the CPU: no CUDA graph"
-    # an expert's own weight, not the stack: a device move reaches the stack only at the layer's next call
-    weights = [base_linear(mlp.experts[0].gate_proj).weight for mlp in moe]
-    if any(
-        grouped_kernel(mlp) == "native" and not native_runs_fused(w.device, w.dtype) for mlp, w in zip(moe, weights)
-    ):
+    # an expert's own (frozen, first-registered) weight, not a stack: a device move reaches v1's stacks only at the
+    # layer's next call
+    weights = [next(block.experts.parameters()) for block in blocks]
+    if any(kernel == "native" and not native_runs_fused(w.device, w.dtype) for kernel, w in zip(kernels, weights)):
         return "torch._grouped_mm has no fused kernel for these weights (ATen's fallback reads group sizes back)"
     return None
 
