@@ -6,8 +6,7 @@ python benchmarks/generation_speed.py MODEL_DIR LINES_DIR [--batch-sizes 1 8 64]
     [--dtype float16 --kernel triton] [--json benchmarks/results/decode_speed.json]
 
 MODEL_DIR: the random-weight full-size checkpoint (build_random_checkpoint.py; for DeepSeek-OCR 2, v2_fit.py's
-WORK/model, in the v2 environment: its family comes from the checkpoint, and there `graphs` is refused until it is
-measured, so `--paths static generate`); LINES_DIR: an imagefolder of lines (its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
+WORK/model, in the v2 environment: its family comes from the checkpoint); LINES_DIR: an imagefolder of lines (its `train` folder feeds `predict`). Greedy, `no_repeat_ngram_size` 20, LoRA unmerged, bf16 autocast. With random
 weights no line ends early, so every row generates batch x max-new-tokens tokens; times include the prefill with
 the vision towers, not a graph's capture (a warm-up call of the same shape runs first). `--paths`: the
 `decoding` settings to time (graphs: static KV cache + CUDA graphs, the default; generate: transformers'

@@ -58,7 +58,9 @@ def build_model(folder: Path, tiny: bool) -> None:
 # our runs: their settings beyond t4_v2.yaml's (guide settings: 2 x 4, 8-bit AdamW, lr 2e-4, checkpointing on)
 RUNS = {
     "fast": ["--model.gradient_checkpointing", "false"],  # grouped experts, compiled layers as CUDA graphs
-    "fast_checkpointing": ["--model.gradient_checkpointing", "true"],  # grouped experts, compiled layers
+    # grouped experts, compiled layers checkpointed inside their region, as CUDA graphs; and without the graphs
+    "fast_checkpointing": ["--model.gradient_checkpointing", "true"],
+    "fast_checkpointing_no_graphs": ["--model.gradient_checkpointing", "true", "--model.fast.layer_graphs", "false"],
     # transformers' experts with PEFT's LoRA, eager layers: the path before the fast one (its losses are the bar)
     "eager": ["--model.fast.grouped_experts", "loop", "--model.fast.compile_layers", "false"],
 }

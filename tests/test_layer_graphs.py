@@ -15,6 +15,7 @@ from dsocr_lightning.families.v1.collate import OCRCollator
 from dsocr_lightning.fast import FastPaths, compiled_layers_line
 from dsocr_lightning.fast.compiled_layers import compile_layers
 from dsocr_lightning.fast.layer_graphs import graphs_active, layer_graph_blocker, pad_length, stable_grads
+from dsocr_lightning.fast.layout import decoder_layers
 from dsocr_lightning.training.module import DeepSeekOCRModule
 
 
@@ -72,16 +73,27 @@ def test_every_micro_batch_starts_with_gradient_buffers_of_its_own():
     assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
-def test_graphs_are_refused_with_gradient_checkpointing_and_the_log_says_why(real_routing_dir):
+def test_graphs_are_refused_where_the_model_checkpoints_around_its_layers_and_the_log_says_why():
+    """v1's remote code checkpoints from the model's loop, around plain layers: the recomputation would run outside
+    the layers' graphs."""
+    causal_lm = torch.nn.Module()
+    causal_lm.model = torch.nn.Module()
+    causal_lm.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    causal_lm.model.gradient_checkpointing = True
+    assert "gradient checkpointing" in layer_graph_blocker(causal_lm)
+    causal_lm.model.gradient_checkpointing = False
+    assert layer_graph_blocker(causal_lm) is None
+
+
+def test_layers_that_checkpoint_themselves_are_checkpointed_inside_their_graphs(real_routing_dir):
+    """transformers' `GradientCheckpointingLayer`s (the stand-in's, v2's): the compiled region takes the checkpoint
+    over, so graphs may hold the recomputation."""
     model, _ = lora_model(real_routing_dir, True)  # loaded as the guide trains: gradient checkpointing on
-    cuda, paths = torch.device("cuda"), FastPaths(compile_layers=True, layer_graphs=True)
-    assert "gradient checkpointing" in layer_graph_blocker(model)
-    model.gradient_checkpointing_disable()
     assert layer_graph_blocker(model) is None
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    line = compiled_layers_line(model, paths, cuda, torch.bfloat16)  # wraps the layers; nothing runs on CUDA here
-    assert "CUDA graphs: off (gradient checkpointing" in line and not graphs_active(model)
-    assert "as CUDA graphs" not in line
+    line = compiled_layers_line(model, FastPaths(), torch.device("cuda"), torch.bfloat16)  # nothing runs on CUDA
+    assert "as CUDA graphs" in line and graphs_active(model)
+    layers = decoder_layers(model)
+    assert layers and all(layer._checkpointed and not layer.gradient_checkpointing for layer in layers)
 
 
 def noise_batch(tokenizer, texts: list[str]) -> dict:

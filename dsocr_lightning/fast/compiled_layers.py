@@ -7,6 +7,13 @@ backward as one autograd node. The layer code is the model's own (transformers' 
 peft's LoRA and the grouped experts); `torch.compile` traces it, so the reference is the same layer run eagerly
 (tests/test_compiled_layers.py compares outputs and every LoRA gradient).
 
+A layer that checkpoints itself (transformers 5's `GradientCheckpointingLayer`) is checkpointed inside its compiled
+region instead (`torch.utils.checkpoint` traced by dynamo: the backward graph recomputes the forward's activations),
+not around it: transformers 5.17 checkpoints around the layer's call and, on an H100 with torch 2.11, the
+recomputation then saved other tensors than the compiled forward had (torch's CheckpointError); 5.24 checkpoints
+inside `forward`, which the compiled region would trace anyway. One way for both: the layer's own switch is turned
+off and the compiled code checkpoints.
+
 Only training forwards (module in train mode, autograd on) take the compiled path: evaluation and decoding run the
 layers as they are (decoding captures its own CUDA graphs; fast/decode.py). The grouped experts' check that the
 experts still view their stacked weights reads storage pointers, which compiled code cannot: it runs eagerly,
@@ -20,9 +27,10 @@ import logging
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from .layout import block_kernel, decoder_layers, expert_blocks
+from .layout import block_kernel, checkpoints_itself, decoder_layers, expert_blocks
 from .moe import ensure_bound, is_moe_layer, runs_grouped
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,8 @@ def compile_layers(model: nn.Module, backend: str = "inductor", graphs: bool = F
         if hasattr(layer, "_compiled_forward"):
             continue  # already done
         eager = layer.forward
-        layer._compiled_forward = torch.compile(eager, backend=backend, options=options, dynamic=None)
+        region = functools.partial(checkpointed, eager) if take_over_checkpointing(layer) else eager
+        layer._compiled_forward = torch.compile(region, backend=backend, options=options, dynamic=None)
         layer._layer_graphs = graphs
         layer.forward = functools.partial(training_forward, layer, eager)
     if layers:  # one entry per layer kind (dense, MoE) x static / dynamic shapes, with room for train/eval modes
@@ -62,6 +71,20 @@ def compile_layers(model: nn.Module, backend: str = "inductor", graphs: bool = F
         # one graph of the whole model): a layer is already one region, whose backward hands DDP its gradients
         torch._dynamo.config.optimize_ddp = False
     return len(layers)
+
+
+def take_over_checkpointing(layer: nn.Module) -> bool:
+    """Turn off a layer's own gradient checkpointing (transformers' `GradientCheckpointingLayer` flag) so that its
+    compiled region checkpoints instead; True where it did. `_checkpointed` keeps the decision for the eager fallback."""
+    layer._checkpointed = checkpoints_itself(layer) and layer.gradient_checkpointing
+    if layer._checkpointed:
+        layer.gradient_checkpointing = False
+    return layer._checkpointed
+
+
+def checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """`forward` under non-reentrant activation checkpointing (what the loaders ask transformers for)."""
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def inductor_options(graphs: bool) -> dict[str, bool]:
@@ -99,4 +122,6 @@ def training_forward(layer: nn.Module, eager: Any, *args: Any, **kwargs: Any) ->
             log.warning("compiled decoder layers: layer %s hit torch.compile's recompile limit and runs eagerly from "
                         "now on (%s)", getattr(layer.self_attn, "layer_idx", "?"), str(error).splitlines()[0])  # fmt: skip
             layer._compiled_forward = None
+    if layer._checkpointed and layer.training and torch.is_grad_enabled():
+        return checkpointed(eager, *args, **kwargs)
     return eager(*args, **kwargs)

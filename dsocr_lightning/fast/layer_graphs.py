@@ -10,7 +10,9 @@ one replay. What graphs need, and what this module provides:
 - stable gradient buffers: a backward graph's outputs are overwritten by its next replay, so with gradient
   accumulation `.grad` must be a tensor of its own, allocated before the first backward and zeroed in place
   (`stable_grads`; the module then zeroes with `set_to_none=False`);
-- no recomputation inside backward: gradient checkpointing off (`layer_graph_blocker`).
+- no recomputation of the layers from outside their graphs: gradient checkpointing off, or done by the layers
+  themselves (transformers 5's `GradientCheckpointingLayer`), which the compiled region then takes over: the
+  recomputation is part of the compiled backward graph (`layer_graph_blocker`; fast/compiled_layers.py).
 torch skips graphs it cannot capture and says so only in a log line: `skipped_graphs` counts those skips, and the
 module reports them after the first optimizer step, so the path that ran is the path logged.
 """
@@ -24,14 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import decoder_layers, text_model
+from .layout import checkpoints_itself, decoder_layers, text_model
 
 PAD_VALUES = {"labels": -100, "images_seq_mask": False, "attention_mask": 0}  # input_ids: the tokenizer's PAD
 
 
 def layer_graph_blocker(model: nn.Module) -> str | None:
     """Why the compiled layers of `model` cannot run as CUDA graphs, or None."""
-    if any(getattr(m, "gradient_checkpointing", False) for m in [text_model(model), *decoder_layers(model)]):
+    layers = decoder_layers(model)
+    if layers and all(checkpoints_itself(layer) for layer in layers):
+        return None  # checkpointed inside the compiled region, if at all
+    if any(getattr(m, "gradient_checkpointing", False) for m in [text_model(model), *layers]):
         return "gradient checkpointing recomputes the layers inside backward (--model.gradient_checkpointing false)"
     return None
 

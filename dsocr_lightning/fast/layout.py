@@ -32,3 +32,9 @@ def block_kernel(block: nn.Module) -> str | None:
     """The grouped matmul an MoE block's experts run (`native`, `triton`: recorded by each family's grouped-experts
     patch), None where they run transformers' own code."""
     return vars(block).get("_grouped_kernel")
+
+
+def checkpoints_itself(layer: nn.Module) -> bool:
+    """Does the layer own its gradient checkpointing (transformers 5's `GradientCheckpointingLayer`: a class-level
+    switch), rather than the model's loop around it (v1's remote code)?"""
+    return hasattr(type(layer), "gradient_checkpointing")

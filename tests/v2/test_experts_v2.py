@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from dsocr_lightning.fast import FastPaths
-from dsocr_lightning.fast.compiled_layers import compile_layers
+from dsocr_lightning.fast import FastPaths, compiled_layers_line
+from dsocr_lightning.fast.compiled_layers import checkpointed, compile_layers
 from dsocr_lightning.fast.grouped_mm import route
 from dsocr_lightning.fast.layout import block_kernel, decoder_layers, expert_blocks
 
@@ -87,15 +87,32 @@ def test_the_adapter_off_is_the_base_model(v2_dir, merged):
     assert not torch.allclose(adapted, expected, atol=1e-3)  # the LoRA does move the logits
 
 
-def test_compiled_v2_layers_equal_the_eager_layers(v2_dir):
-    """The shared compiled layers (aot_eager on a CPU: dynamo's trace and AOTAutograd's joint graph) find v2's decoder
-    layers and train as the eager grouped ones, under bf16 autocast as on a GPU."""
+def recording_backend(seen: list):
+    """aot_eager that records the targets of each graph dynamo captures."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_v2_layers_equal_the_eager_layers(v2_dir, checkpointing):
+    """The shared compiled layers (dynamo's trace and AOTAutograd's joint graph, run as aot_eager on a CPU) find v2's
+    decoder layers and train as the eager grouped ones, under bf16 autocast as on a GPU. With checkpointing, the
+    checkpoint is inside the compiled region (the layers' own switch is off) and the reference checkpoints eagerly."""
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     _, eager = grouped_pair(v2_dir, "split", r=8)  # compiled, the grouped matmul wants 16-byte rows: 8 bf16
-    compiled = copy.deepcopy(eager.train())  # (compiled forwards are training forwards)
-    assert compile_layers(compiled, backend="aot_eager") == len(decoder_layers(compiled)) == 2
+    if checkpointing:
+        eager.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled, seen = copy.deepcopy(eager.train()), []  # (compiled forwards are training forwards)
+    assert compile_layers(compiled, backend=recording_backend(seen)) == len(decoder_layers(compiled)) == 2
     assert [block_kernel(block) for block in expert_blocks(decoder_layers(compiled))] == ["native"]
+    assert [(layer.gradient_checkpointing, layer._checkpointed) for layer in decoder_layers(compiled)] == [
+        (False, checkpointing)
+    ] * 2
     for length in (24, 40):
         ids = torch.randint(3, 60, (2, length), generator=torch.Generator().manual_seed(length))
         (expected, expected_grads), (got, got_grads) = (
@@ -103,7 +120,24 @@ def test_compiled_v2_layers_equal_the_eager_layers(v2_dir):
         )
         assert got == pytest.approx(expected, rel=1e-2)
         assert_close(got_grads, expected_grads, rel=5e-2)  # bf16: fused ops round in other places
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path did run
+    assert seen, "the compiled path did not run"
+    assert ("tag_activation_checkpoint" in seen) == checkpointing
+
+
+def test_a_layer_that_falls_back_to_eager_stays_checkpointed(v2_dir, monkeypatch):
+    """A compiled layer that hit torch.compile's recompile limit runs eagerly, still under checkpointing (its own
+    switch is off: the fallback checkpoints in its place)."""
+    from dsocr_lightning.fast import compiled_layers
+
+    _, model = grouped_pair(v2_dir, "split", r=8)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_layers(model.train(), backend="aot_eager")
+    calls = []
+    monkeypatch.setattr(compiled_layers, "checkpointed", lambda *a, **k: calls.append(1) or checkpointed(*a, **k))
+    for layer in decoder_layers(model):
+        layer._compiled_forward = None
+    loss_and_grads(model, torch.randint(3, 60, (2, 16)))
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -160,10 +194,26 @@ def test_graph_padding_reads_the_pad_id_through_the_processor(v2_dir, processor)
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
-def test_no_compiled_layers_with_gradient_checkpointing_and_the_log_says_why(v2_dir):
-    from dsocr_lightning.families.v2.loading import CHECKPOINTED, compiled_line
+def test_v2_layers_under_checkpointing_compile_and_may_run_as_graphs(v2_dir):
+    """transformers 5's layers checkpoint themselves, so their compiled region can take the checkpoint over and CUDA
+    graphs can hold the recomputation (v1's remote code checkpoints around its layers: graphs stay off there)."""
+    from dsocr_lightning.fast.layer_graphs import layer_graph_blocker
     from dsocr_lightning.training.loading import LoadSettings
 
-    model = peft_model(v2_dir, "split")
-    line = compiled_line(model, LoadSettings(gradient_checkpointing=True), torch.device("cuda"), torch.bfloat16)
-    assert CHECKPOINTED in line and not any(hasattr(layer, "_compiled_forward") for layer in decoder_layers(model))
+    _, model = grouped_pair(v2_dir, "split")
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert layer_graph_blocker(model) is None
+    line = compiled_layers_line(model, LoadSettings().fast, torch.device("cuda"), torch.bfloat16)
+    assert line.startswith("compiled decoder layers: 2 layers") and "as CUDA graphs" in line, line
+    assert all(layer._checkpointed for layer in decoder_layers(model))
+
+
+def test_v2_decoding_graphs_follow_the_shared_rule(v2_dir):
+    """The static decoder's CUDA graphs: refused with transformers' experts kernel (it reads the hit experts back),
+    left to the grouped kernel's own rule with the grouped experts (on a CPU: no fused kernel)."""
+    from dsocr_lightning.families.v2.decode import decoder_parts
+    from dsocr_lightning.fast.decode import graph_blocker
+
+    reference, grouped = grouped_pair(v2_dir, "split")
+    assert "expert loop" in graph_blocker(decoder_parts(reference))
+    assert "no fused kernel" in graph_blocker(decoder_parts(grouped))

@@ -15,9 +15,8 @@ from ...fast.layout import causal_lm
 # Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_fit_v2.py); on a GPU,
 # `auto` keeps `generate` until a benchmark shows the static path faster there.
 UNMEASURED = "DeepSeek-OCR 2's static-cache decoder is not measured on a GPU yet; decoding: static asks for it"
-# transformers' experts loop asks which experts were hit (`nonzero`), a read-back a graph cannot hold; the grouped
-# experts (experts.py) read nothing back, but their decoding graphs are not measured yet
-GRAPH_BLOCKER = "DeepSeek-OCR 2's graph capture is not measured on a GPU yet"
+# CUDA graphs: the shared rule (fast/decode.py's graph_blocker): with the grouped experts (experts.py: nothing is
+# read back), not with transformers' experts kernel (it asks which experts were hit: `nonzero`)
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts | None:
@@ -33,7 +32,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
     layers = list(text.layers[: text.config.num_hidden_layers])
     return DecoderParts(text.embed_tokens, text.rotary_emb, layers, text.norm, causal.lm_head,
                         eager_attention=implementation == "eager", cache_arg="cache", prefill=prefill,
-                        graph_blocker=GRAPH_BLOCKER, unmeasured=UNMEASURED)  # fmt: skip
+                        unmeasured=UNMEASURED)  # fmt: skip
 
 
 def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: torch.Tensor, images: dict) -> tuple:

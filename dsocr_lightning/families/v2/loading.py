@@ -97,21 +97,8 @@ def fast_paths(model: Any, settings: LoadSettings, lora: LoraSettings, device: t
         experts = f"experts: transformers' {implementation!r} with PEFT's LoRA ({lora.experts} layout)"
     else:
         experts = f"grouped experts: {patch_grouped_experts(model, kernel)} MoE layers, {kernel} kernel, LoRA included"
-    for line in [experts, compiled_line(model, settings, device, compute_dtype)]:
+    for line in [experts, compiled_layers_line(model, settings.fast, device, compute_dtype)]:
         log.info("fast path: %s", line)
-
-
-# measured (c11, an H200, torch 2.11, transformers 5.17): with checkpointing, the compiled layers' recomputation in
-# backward saved other tensors (float32) than their first forward (bf16): torch's CheckpointError
-CHECKPOINTED = "gradient checkpointing: transformers 5's checkpointed layers recompute other tensors than the compiled " \
-               "forward saved (torch's CheckpointError)"  # fmt: skip
-
-
-def compiled_line(model: Any, settings: LoadSettings, device: torch.device, compute_dtype: torch.dtype) -> str:
-    """The shared compiled layers and their CUDA graphs (fast/), not with gradient checkpointing (CHECKPOINTED)."""
-    if settings.gradient_checkpointing and settings.fast.compile_layers:
-        return f"compiled decoder layers: off ({CHECKPOINTED}; eager layers)"
-    return compiled_layers_line(model, settings.fast, device, compute_dtype)
 
 
 def load_adapter_weights(model: Any, adapter_path: str) -> None:
