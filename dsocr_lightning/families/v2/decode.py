@@ -1,9 +1,11 @@
 """DeepSeek-OCR 2's parts for the static-cache decoder (fast/decode.py): transformers' own `deepseek_ocr2` language
-model (`model.language_model.{embed_tokens, rotary_emb, layers, norm}`, `lm_head`), whose layers take `cache=` and
-whose prefill is the model's own forward with generate's position ids."""
+model (`model.language_model.{embed_tokens, rotary_emb, layers, norm}`, `lm_head`), whose layers take the cache as
+`cache=` (transformers >= 5.24) or `past_key_values=` (5.17, the GPU box's) and whose prefill is the model's own forward
+with generate's position ids (its output names the cache as the layers do)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -31,8 +33,14 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
         return None
     layers = list(text.layers[: text.config.num_hidden_layers])
     return DecoderParts(text.embed_tokens, text.rotary_emb, layers, text.norm, causal.lm_head,
-                        eager_attention=implementation == "eager", cache_arg="cache", prefill=prefill,
+                        eager_attention=implementation == "eager", cache_arg=cache_keyword(layers[0]), prefill=prefill,
                         unmeasured=UNMEASURED)  # fmt: skip
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` (transformers >= 5.24) or `past_key_values`."""
+    parameters = inspect.signature(type(layer).forward).parameters  # the class: compiled layers wrap `forward`
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: torch.Tensor, images: dict) -> tuple:
@@ -41,4 +49,4 @@ def prefill(model: nn.Module, parts: DecoderParts, prompt: torch.Tensor, mask: t
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out: Any = causal_lm(model)(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True,
                                 logits_to_keep=1, return_dict=True, **images)  # fmt: skip
-    return out.logits[:, -1].float(), out.cache
+    return out.logits[:, -1].float(), getattr(out, parts.cache_arg)
