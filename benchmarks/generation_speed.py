@@ -58,7 +58,7 @@ FAMILY = None  # the checkpoint's model family (set in main): its pixel keys and
 
 def load(model_dir: str, loop: bool, dtype: str = "auto", adapter: str | None = None) -> tuple:
     settings = LoadSettings(model_dir, "transformers", trust_remote_code=True, dtype=dtype, adapter_path=adapter,
-                            fast=FastPaths(grouped_experts="loop" if loop else KERNEL))  # fmt: skip
+                            fast=FastPaths(grouped_experts="loop" if loop else KERNEL, fold_rel_pos=not loop))  # fmt: skip
     model, tokenizer, backend, *_ = load_model(settings, LoraSettings())
     model = model.to(DEVICE).eval()
     set_inference(model, backend, True)

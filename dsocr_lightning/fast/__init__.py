@@ -49,6 +49,9 @@ class FastPaths:
     # v2 only: run the fused experts on this transformers kernel (`eager`, `batched_mm`, `grouped_mm`) with PEFT's
     # LoRA instead of the grouped experts; null = the grouped experts (grouped_experts: loop = transformers' default)
     experts_implementation: str | None = None
+    # v2: SAM's attention with its relative positions folded into queries and keys (attention without the [N, N]
+    # bias it builds for every view; fast/rel_pos_attention.py). v1's remote code keeps its own (logged)
+    fold_rel_pos: bool = True
 
 
 def expert_kernel(paths: FastPaths, device: torch.device, dtype: torch.dtype) -> KernelChoice:
@@ -73,6 +76,8 @@ def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, d
         found = patch_batched_vision(model, paths.vision_chunk)
         lines.append(f"batched vision: {'on' if found else 'not applicable (no SAM/CLIP towers)'}")
     lines.append(compiled_layers_line(model, paths, device, dtype))
+    if paths.fold_rel_pos:
+        lines.append("folded SAM relative positions: not applicable (v1's remote code keeps its own attention)")
     for line in lines:
         log.info("fast path: %s", line)
     return lines

@@ -18,6 +18,7 @@ from ...training.plan import RunPlan, dtype_name
 from . import v1_only
 from .experts import patch_grouped_experts
 from .lora import apply_lora, groups_report, peft_config
+from .sam_attention import patch_sam_attention
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,16 @@ def fast_paths(model: Any, settings: LoadSettings, lora: LoraSettings, device: t
         experts = f"experts: transformers' {implementation!r} with PEFT's LoRA ({lora.experts} layout)"
     else:
         experts = f"grouped experts: {patch_grouped_experts(model, kernel)} MoE layers, {kernel} kernel, LoRA included"
-    for line in [experts, compiled_layers_line(model, settings.fast, device, compute_dtype)]:
+    for line in [experts, compiled_layers_line(model, settings.fast, device, compute_dtype), sam_line(model, settings)]:
         log.info("fast path: %s", line)
+
+
+def sam_line(model: Any, settings: LoadSettings) -> str:
+    if not settings.fast.fold_rel_pos:
+        return "SAM attention: transformers' own (fast.fold_rel_pos false: a [N, N] bias per view)"
+    return (
+        f"SAM attention: {patch_sam_attention(model)} layers with the relative positions folded into queries and keys"
+    )
 
 
 def load_adapter_weights(model: Any, adapter_path: str) -> None:
