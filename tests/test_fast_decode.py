@@ -163,22 +163,19 @@ def test_graphs_only_where_every_expert_matmul_can_be_captured(real_routing_dir,
         assert decode.graph_blocker(decode.decoder_parts(triton)) is None
 
 
-def test_auto_keeps_generate_on_a_gpu_where_the_family_has_not_measured_its_decoder(monkeypatch, caplog):
-    """A family's decoder parts may say they are not measured on a GPU yet: there `auto` keeps transformers'
-    generate and says why, while `static` still takes them."""
+def test_auto_decodes_static_on_a_gpu_where_the_family_blocks_graphs(monkeypatch, caplog):
+    """A family's decoder parts may refuse CUDA graphs: there `auto` decodes with the static cache, eagerly, and says
+    why; `graphs` asked for is refused in words."""
     import logging
 
     from dsocr_lightning.fast.decode import DecoderParts
     from dsocr_lightning.training import generation
 
-    parts = DecoderParts(*[None] * 5, eager_attention=False, graph_blocker="no graphs yet", unmeasured="not measured")
+    parts = DecoderParts(*[None] * 5, eager_attention=False, graph_blocker="no graphs yet")
     monkeypatch.setattr(generation, "family", lambda name: types.SimpleNamespace(decoder_parts=lambda model: parts))
     on_gpu = {"family": "any", "prompt_input_ids": types.SimpleNamespace(device=torch.device("cuda", 0))}
     with caplog.at_level(logging.INFO, logger=generation.__name__):
         chosen = generation.decoding_path(types.SimpleNamespace(), on_gpu, GenerationSettings(decoding="auto"))
-    assert chosen == ("generate", parts) and "transformers' generate (not measured)" in caplog.text
-    assert (
-        generation.decoding_path(types.SimpleNamespace(), on_gpu, GenerationSettings(decoding="static"))[0] == "static"
-    )
+    assert chosen == ("static", parts) and "(no graphs yet)" in caplog.text
     with pytest.raises(ValueError, match="no graphs yet"):
         generation.decoding_path(types.SimpleNamespace(), on_gpu, GenerationSettings(decoding="graphs"))

@@ -47,7 +47,6 @@ class DecoderParts:
     cache_arg: str = "past_key_values"  # the layers' keyword for the cache (transformers 5: `cache`)
     prefill: Callable | None = None  # (model, parts, prompt, mask, images) -> (logits, DynamicCache); None: `prefill`
     graph_blocker: str | None = None  # the family's reason to decode without CUDA graphs, else the layers decide
-    unmeasured: str | None = None  # set: on a GPU, `auto` keeps transformers' generate, for this reason
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts | None:

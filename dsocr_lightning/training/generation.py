@@ -69,8 +69,6 @@ def decoding_path(model: Any, batch: dict[str, Any], settings: GenerationSetting
     blocker = graph_blocker(parts) if parts is not None else None
     if path in ("auto", "graphs") and blocker:
         path, why = "static", f" ({blocker})"
-    if settings.decoding == "auto" and cuda and parts is not None and parts.unmeasured:
-        path, why = "generate", f" ({parts.unmeasured})"
     if path == "auto":
         path = "graphs"
     if path != "generate" and parts is None:

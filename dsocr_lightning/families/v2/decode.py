@@ -14,9 +14,8 @@ from torch import nn
 from ...fast.decode import DecoderParts
 from ...fast.layout import causal_lm
 
-# Measured on the CPU only (tokens equal to `generate`'s on the stand-in, tests/v2/test_fit_v2.py); on a GPU,
-# `auto` keeps `generate` until a benchmark shows the static path faster there.
-UNMEASURED = "DeepSeek-OCR 2's static-cache decoder is not measured on a GPU yet; decoding: static asks for it"
+# Tokens equal to `generate`'s on the stand-in (tests/v2/test_fit_v2.py); on an H200 4.7x (batch 1) and 2.1x (batch
+# 64) generate's new tokens/s (benchmarks/results/decode_speed.json, v2 rows), so `auto` takes it there too.
 # CUDA graphs: the shared rule (fast/decode.py's graph_blocker): with the grouped experts (experts.py: nothing is
 # read back), not with transformers' experts kernel (it asks which experts were hit: `nonzero`)
 
@@ -33,8 +32,8 @@ def decoder_parts(model: nn.Module) -> DecoderParts | None:
         return None
     layers = list(text.layers[: text.config.num_hidden_layers])
     return DecoderParts(text.embed_tokens, text.rotary_emb, layers, text.norm, causal.lm_head,
-                        eager_attention=implementation == "eager", cache_arg=cache_keyword(layers[0]), prefill=prefill,
-                        unmeasured=UNMEASURED)  # fmt: skip
+                        eager_attention=implementation == "eager", cache_arg=cache_keyword(layers[0]),
+                        prefill=prefill)  # fmt: skip
 
 
 def cache_keyword(layer: nn.Module) -> str:
