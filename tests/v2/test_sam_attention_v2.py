@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_folded_sam_attention_equals_transformers(v2_dir, global_layer):
         folded = encoder(pixels).last_hidden_state
     assert all(type(layer.attn).__name__.startswith("Folded") for layer in encoder.layers)
     assert encoder.state_dict().keys() == state.keys()  # the same parameters under the same names
+    assert type(pickle.loads(pickle.dumps(encoder.layers[0].attn))) is type(encoder.layers[0].attn)
     assert expected.abs().mean() > 0.1  # an output to compare
     torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
 

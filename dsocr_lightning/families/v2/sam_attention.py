@@ -35,8 +35,11 @@ def folded_forward(self: nn.Module, hidden_states: torch.Tensor, output_attentio
 
 @functools.cache
 def folded_class(base: type) -> type:
-    """transformers' attention class with the folded forward (one subclass per base class)."""
-    return type(f"Folded{base.__name__}", (base,), {"forward": folded_forward, "__module__": __name__})
+    """transformers' attention class with the folded forward (one subclass per base class), named in this module so
+    that a patched module pickles."""
+    folded = type(f"Folded{base.__name__}", (base,), {"forward": folded_forward, "__module__": __name__})
+    globals()[folded.__name__] = folded
+    return folded
 
 
 def patch_sam_attention(model: nn.Module) -> int:

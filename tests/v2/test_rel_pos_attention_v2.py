@@ -1,4 +1,5 @@
-"""The folded relative-position attention (fast/rel_pos_attention.py) against the materialized bias it replaces."""
+"""The folded relative-position attention (fast/rel_pos_attention.py; DeepSeek-OCR 2's SAM uses it) against the
+materialized bias it replaces."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from dsocr_lightning.fast.rel_pos_attention import folded_attention, reference_attention
 
 
-@pytest.mark.parametrize("height, width, size", [(3, 5, 8), (4, 4, 6), (7, 2, 16)])  # 6: widened 14 -> padded to 16
+@pytest.mark.parametrize(
+    "height, width, size", [(3, 5, 8), (4, 4, 6), (7, 2, 16), (2, 3, 3)]
+)  # 6: 14 -> padded to 16; 3: 8, none
 def test_folded_attention_equals_the_biased_one(height, width, size):
     torch.manual_seed(0)
     shape = (2, 3, height * width)
