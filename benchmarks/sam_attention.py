@@ -18,7 +18,7 @@ import torch
 from common import ROOT, commit, write_json
 
 from dsocr_lightning.families.v2.config import full_size_config
-from dsocr_lightning.families.v2.sam_attention import patch_sam_attention
+from dsocr_lightning.families.v2.sam_attention import folded_class, patch_sam_attention
 
 
 def timed(encoder: torch.nn.Module, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -52,7 +52,7 @@ def main() -> None:
     for size in args.batch_sizes:
         pixels = torch.randn(size, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            encoder.layers.apply(unpatch)
+            unpatch(encoder)
             plain, expected = timed(encoder, pixels)
             patch_sam_attention(encoder)
             folded, got = timed(encoder, pixels)
@@ -64,10 +64,13 @@ def main() -> None:
                                  "what": "DeepSeek-OCR 2 SAM encoder, full size, random weights, no_grad", "rows": rows})  # fmt: skip
 
 
-def unpatch(module: torch.nn.Module) -> None:
-    """transformers' own class back (the folded one is its subclass)."""
-    if type(module).__name__.startswith("Folded"):
-        module.__class__ = type(module).__bases__[0]
+def unpatch(encoder: torch.nn.Module) -> None:
+    """transformers' own attention class back where `patch_sam_attention` swapped it."""
+    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2SamVisionSdpaAttention as base
+
+    for module in encoder.modules():
+        if type(module) is folded_class(base):
+            module.__class__ = base
 
 
 if __name__ == "__main__":

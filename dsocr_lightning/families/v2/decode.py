@@ -14,8 +14,8 @@ from torch import nn
 from ...fast.decode import DecoderParts
 from ...fast.layout import causal_lm
 
-# Tokens equal to `generate`'s on the stand-in (tests/v2/test_fit_v2.py); on an H200 4.7x (batch 1) and 2.1x (batch
-# 64) generate's new tokens/s (benchmarks/results/decode_speed.json, v2 rows), so `auto` takes it there too.
+# Tokens equal to `generate`'s on the stand-in (tests/v2/test_fit_v2.py); faster than `generate` on a GPU at every
+# measured batch size (benchmarks/README.md, "DeepSeek-OCR 2: decoding"), so `auto` takes it there too.
 # CUDA graphs: the shared rule (fast/decode.py's graph_blocker): with the grouped experts (experts.py: nothing is
 # read back), not with transformers' experts kernel (it asks which experts were hit: `nonzero`)
 
