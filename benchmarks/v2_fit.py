@@ -199,15 +199,16 @@ def main() -> None:
 
         write_imagefolder(work / "lines", {"train": args.lines or 8 * args.steps}, seed=7)
     runs = args.runs or (["fast"] if args.tiny else list(RUNS))
-    ours = {}
-    for name in runs:  # each run's row is kept as it finishes: a command cut short still leaves the finished ones
-        ours[name] = our_fit(args, work / "model", work / "lines", name)
-        (work / f"run_{name}.json").write_text(json.dumps(ours[name]))
-    # one GPU: on a host with several, HF Trainer would wrap the model in DataParallel (PEFT's parametrized experts fail)
+    # the reference first, then ours, the JSON rewritten as each run finishes: a command cut short keeps the reference
+    # and the finished runs. One GPU: on a host with several, HF Trainer would wrap the model in DataParallel (PEFT's
+    # parametrized experts fail)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--reference-only"], check=True, cwd=ROOT, env=env)
     reference = json.loads((work / "reference.json").read_text())
-    write_result(args, ours, reference)
+    ours = {}
+    for name in runs:
+        ours[name] = our_fit(args, work / "model", work / "lines", name)
+        write_result(args, ours, reference)
     if any("error" in run for run in ours.values()):
         sys.exit(f"runs that failed: {[name for name, run in ours.items() if 'error' in run]} (their logs above)")
 

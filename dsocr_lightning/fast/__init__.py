@@ -6,6 +6,7 @@
 - `vision.py`: the remote code's vision towers run batched (v1; transformers' v2 batches its views itself);
 - `compiled_layers.py`: decoder layers compiled with `torch.compile` for training forwards;
 - `layer_graphs.py`: ... replayed as CUDA graphs where gradient checkpointing is off;
+- `frozen_graphs.py`: a frozen module's forward as CUDA graphs, one per input shape (v2's vision tower);
 - `decode.py`: greedy decoding with a static KV cache, one CUDA graph replay a step (used by generation.py).
 Each keeps the original as its reference; tests compare them. `apply_fast_paths` logs which paths run.
 """
@@ -52,6 +53,9 @@ class FastPaths:
     # v2: SAM's attention with its relative positions folded into queries and keys (attention without the [N, N]
     # bias it builds for every view; fast/rel_pos_attention.py). v1's remote code keeps its own (logged)
     fold_rel_pos: bool = True
+    # v2: the frozen part of the vision tower (SAM, and the Qwen2 encoder unless lora.encoder) replayed as CUDA graphs
+    # on a GPU, one per view count (fast/frozen_graphs.py; it runs without autograd either way). v1: not applicable
+    vision_graphs: bool = True
 
 
 def expert_kernel(paths: FastPaths, device: torch.device, dtype: torch.dtype) -> KernelChoice:
@@ -78,6 +82,8 @@ def apply_fast_paths(model: nn.Module, paths: FastPaths, device: torch.device, d
     lines.append(compiled_layers_line(model, paths, device, dtype))
     if paths.fold_rel_pos:
         lines.append("folded SAM relative positions: not applicable (v1's remote code keeps its own attention)")
+    if paths.vision_graphs:
+        lines.append("frozen vision graphs: not applicable (v1's remote code runs its towers itself, without autograd)")
     for line in lines:
         log.info("fast path: %s", line)
     return lines

@@ -3,13 +3,18 @@
 `--gpu_profile.batch N` profiles the N-th training micro-batch (forward + backward, and the optimizer step when it
 falls in it) and logs `perf/gpu_busy` (GPU kernel time / wall time), `perf/kernel_launches`, `perf/profiled_wall_s`,
 `perf/gpu_kernel_s` and `perf/expert_kernel_s` (the experts' grouped matmuls alone, torch's or Triton's: kernels
-named "grouped"); off by default (profiling slows that one batch).
+named "grouped"), and `perf/syncs`: the CPU-GPU synchronisations (torch's sync debug mode), each place that made them
+logged with its count (a sync lets the GPU run dry while the CPU waits); off by default (profiling slows that batch).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import time
+import traceback
+import warnings
 from typing import Any
 
 import lightning as L
@@ -56,6 +61,7 @@ class GpuProfile(L.Callback):
             batch: global index of the training micro-batch to profile (after warm-up, e.g. 12), or None for none.
         """
         self.batch, self.profiler, self.start, self.seen = batch, None, 0.0, 0
+        self.recorder: SyncRecorder | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
         self.seen += 1
@@ -66,6 +72,9 @@ class GpuProfile(L.Callback):
         torch.cuda.synchronize()
         self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         self.profiler.__enter__()
+        self.recorder = SyncRecorder()
+        self.recorder.__enter__()
+        torch.cuda.set_sync_debug_mode("warn")  # a warning at every synchronising call, from where it was made
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
@@ -73,19 +82,45 @@ class GpuProfile(L.Callback):
             return
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.start
+        torch.cuda.set_sync_debug_mode("default")
+        self.recorder.__exit__(None, None, None)
+        syncs = self.recorder.places
         self.profiler.__exit__(None, None, None)
         seconds, summed, count = kernel_time(self.profiler.events())
         experts = expert_kernel_seconds(self.profiler.events())
         averages = self.profiler.key_averages()
         self.profiler = None
         metrics = {"perf/gpu_busy": seconds / wall, "perf/kernel_launches": float(count),
-                   "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds, "perf/expert_kernel_s": experts}  # fmt: skip
+                   "perf/profiled_wall_s": wall, "perf/gpu_kernel_s": seconds, "perf/expert_kernel_s": experts,
+                   "perf/syncs": float(sum(syncs.values()))}  # fmt: skip
         log.info("profiled micro-batch %d: %.3f s wall, GPU busy %.3f s (%.0f%%; kernels summed %.3f s, the experts' "
                  "grouped matmuls %.3f s), %d kernels", self.batch, wall, seconds, 100 * seconds / wall, summed,
                  experts, count)  # fmt: skip
+        log.info("CPU-GPU syncs in it: %d, by place: %s", sum(syncs.values()), dict(syncs.most_common(20)))
         for key in ("self_cpu_time_total", "self_device_time_total"):
             log.info(
                 "top operators by %s:\n%s", key, averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
             )
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class SyncRecorder(warnings.catch_warnings):
+    """Counts torch's sync-debug warnings by the first frame outside torch that made them (file:line function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.places: collections.Counter = collections.Counter()
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        warnings.simplefilter("always")
+        self._module._showwarnmsg_impl = self.note  # where warnings reach Python, C++ ones included
+
+    def note(self, message: warnings.WarningMessage) -> None:
+        if "synchronizing" not in str(message.message).lower():
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith("warnings.py")]  # fmt: skip
+        where = frames[-1] if frames else None
+        self.places[f"{where.filename}:{where.lineno} {where.name}" if where else "?"] += 1

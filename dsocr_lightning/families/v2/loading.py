@@ -17,6 +17,7 @@ from ...training.loading import LoadSettings, LoraSettings, absolute_source, res
 from ...training.plan import RunPlan, dtype_name
 from . import v1_only
 from .experts import patch_grouped_experts
+from .frozen_vision import patch_frozen_vision
 from .lora import apply_lora, groups_report, peft_config
 from .sam_attention import patch_sam_attention
 
@@ -98,8 +99,16 @@ def fast_paths(model: Any, settings: LoadSettings, lora: LoraSettings, device: t
         experts = f"experts: transformers' {implementation!r} with PEFT's LoRA ({lora.experts} layout)"
     else:
         experts = f"grouped experts: {patch_grouped_experts(model, kernel)} MoE layers, {kernel} kernel, LoRA included"
-    for line in [experts, compiled_layers_line(model, settings.fast, device, compute_dtype), sam_line(model, settings)]:
+    lines = [experts, compiled_layers_line(model, settings.fast, device, compute_dtype), sam_line(model, settings),
+             patch_frozen_vision(model, vision_graphs_blocker(settings.fast, device))]  # fmt: skip
+    for line in lines:
         log.info("fast path: %s", line)
+
+
+def vision_graphs_blocker(fast: FastPaths, device: torch.device) -> str | None:
+    if not fast.vision_graphs:
+        return "fast.vision_graphs false"
+    return None if device.type == "cuda" else f"CUDA graphs need a GPU, the model is on {device.type}"
 
 
 def sam_line(model: Any, settings: LoadSettings) -> str:
