@@ -28,7 +28,7 @@ class ShapeGraphs:
 
     def __init__(self, name: str, limit: int = 8) -> None:
         self.name, self.limit = name, limit
-        self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor] | None] = {}  # None: eager
         self.pool: Any = None
         self.said_full = False
 
@@ -41,7 +41,7 @@ class ShapeGraphs:
         if not x.is_cuda:
             return fn(x)
         key = (tuple(x.shape), x.dtype, x.device, tag)
-        entry = self.graphs.get(key) or self.capture(fn, x, key)
+        entry = self.graphs[key] if key in self.graphs else self.capture(fn, x, key)
         if entry is None:
             return fn(x)
         buffer, graph, out = entry
@@ -50,7 +50,7 @@ class ShapeGraphs:
         return out.clone()
 
     def capture(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, key: tuple) -> tuple | None:
-        if len(self.graphs) >= self.limit:
+        if sum(entry is not None for entry in self.graphs.values()) >= self.limit:
             if not self.said_full:
                 log.info("%s: %d input shapes have CUDA graphs; %s and later new shapes run eagerly", self.name,
                          self.limit, list(x.shape))  # fmt: skip
@@ -64,9 +64,14 @@ class ShapeGraphs:
                 fn(buffer)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may allocate while this thread captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = fn(buffer)
+        try:  # thread_local: a DataLoader's pin-memory thread may allocate while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn(buffer)
+        except RuntimeError as error:  # e.g. a copy from the CPU inside fn: this shape runs eagerly, said once
+            log.warning("%s: input %s cannot run as a CUDA graph, it runs eagerly: %s", self.name, list(x.shape),
+                        str(error).splitlines()[0])  # fmt: skip
+            self.graphs[key] = None
+            return None
         self.pool = graph.pool()
         self.graphs[key] = (buffer, graph, out)
         log.info("%s: captured a CUDA graph for input %s", self.name, list(x.shape))

@@ -59,3 +59,13 @@ def test_fast_paths_fold_sam_attention_unless_told_not_to(v2_dir, caplog):
         assert ("FoldedDeepseekOcr2SamVisionSdpaAttention" in names) is fold
     assert "SAM attention: 1 layers with the relative positions folded" in caplog.text
     assert "SAM attention: transformers' own (fast.fold_rel_pos false" in caplog.text
+
+
+@pytest.mark.parametrize("sizes", [(14, 14), (64, 64), (16, 12), (12, 16)])
+def test_rel_pos_table_is_transformers_get_rel_pos(v2_dir, sizes):
+    from dsocr_lightning.families.v2.sam_attention import rel_pos_table
+
+    attention = sam_encoder(v2_dir, global_layer=True).layers[1].attn
+    expected = attention.get_rel_pos(*sizes, attention.rel_pos_h)
+    assert expected.abs().mean() > 0.1
+    assert torch.equal(rel_pos_table(*sizes, attention.rel_pos_h), expected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...fast.rel_pos_attention import folded_attention
@@ -23,14 +24,26 @@ def folded_forward(self: nn.Module, hidden_states: torch.Tensor, output_attentio
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, C]
     if self.use_rel_pos:
         grid_query = query.unflatten(2, (height, width))  # [B, heads, H, W, C]
-        rows = self.get_rel_pos(height, height, self.rel_pos_h)  # [H (query row), H (key row), C]
-        columns = self.get_rel_pos(width, width, self.rel_pos_w)
+        rows = rel_pos_table(height, height, self.rel_pos_h)  # [H (query row), H (key row), C]
+        columns = rel_pos_table(width, width, self.rel_pos_w)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rows).flatten(2, 3)  # [B, heads, N, H]
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, columns).flatten(2, 3)  # [B, heads, N, W]
         attended = folded_attention(query, key, value, rel_h, rel_w)
     else:
         attended = torch.nn.functional.scaled_dot_product_attention(query, key, value)
     return self.proj(attended.transpose(1, 2).reshape(batch, height, width, -1)), None
+
+
+def rel_pos_table(size_q: int, size_k: int, table: torch.Tensor) -> torch.Tensor:
+    """[size_q, size_k, C]: the row of `table` ([offsets, C]) for each query-key offset after resampling it to
+    2 max(sizes) - 1 offsets, as transformers' `get_rel_pos`, but with the indices made on the table's device (a CUDA
+    graph cannot copy them there from the CPU: families/v2/frozen_vision.py captures SAM)."""
+    offsets = 2 * max(size_q, size_k) - 1
+    resampled = F.interpolate(table.T[None], size=offsets, mode="linear")[0].T  # [offsets, C]
+    stretch_q, stretch_k = max(size_k / size_q, 1.0), max(size_q / size_k, 1.0)
+    query = torch.arange(size_q, device=table.device)[:, None] * stretch_q
+    key = torch.arange(size_k, device=table.device)[None, :] * stretch_k
+    return resampled[(query - key + (size_k - 1) * stretch_k).long()]
 
 
 @functools.cache

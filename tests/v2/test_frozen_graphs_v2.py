@@ -1,4 +1,5 @@
-"""A frozen function as CUDA graphs (fast/frozen_graphs.py) against the function itself (GPU tests: skipped on a CPU)."""
+"""A frozen function as CUDA graphs (fast/frozen_graphs.py; v2's vision tower is its user) against the function itself
+(the GPU test is skipped on a CPU)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,17 @@ def test_replays_equal_the_function_per_shape_and_tag(caplog):
     first = graphs(model, torch.ones(2, 3, 16, 16, device="cuda"), tag="train")
     second = graphs(model, torch.zeros(2, 3, 16, 16, device="cuda"), tag="train")
     assert not torch.equal(first, second)  # an output is the caller's own, not the graph's buffer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_function_that_cannot_be_captured_runs_eagerly_and_says_why(caplog):
+    def copies_from_the_cpu(x):
+        return x + torch.arange(x.shape[-1]).to(x.device)
+
+    graphs, x = ShapeGraphs("test"), torch.zeros(2, 4, device="cuda")
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            torch.testing.assert_close(graphs(copies_from_the_cpu, x), copies_from_the_cpu(x))
+    assert graphs.graphs == {((2, 4), torch.float32, x.device, None): None}
+    assert caplog.text.count("input [2, 4] cannot run as a CUDA graph, it runs eagerly") == 1
