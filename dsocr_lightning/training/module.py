@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric
 
 from ..families import Family, family
 from ..families.detect import standin_version
@@ -35,6 +35,7 @@ from .loading import Backend, DType, LoadSettings, LoraSettings, load_model, set
 from .metrics import CERMetrics
 from .optim import OptimizerName, build_optimizer, linear_warmup_decay
 from .plan import RunPlan
+from .step_mean import StepMean, StepSum
 from .step_tokens import STEP_TOKENS_KEY, TOKENS_KEY
 from .trainables import PickedExperts, check_loadable, reference_layout, reference_state_dict
 
@@ -132,8 +133,8 @@ class DeepSeekOCRModule(L.LightningModule):
         self.tokenizer: Any = None
         self.backend: str | None = None
         self.base_dtype = torch.float32
-        self.train_loss = MeanMetric()  # micro-batch losses of the current optimizer step (weighted: see note_loss)
-        self.nonfinite_skips = SumMetric()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
+        self.train_loss = StepMean()  # micro-batch losses of the current optimizer step (weighted: see note_loss)
+        self.nonfinite_skips = StepSum()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_lines = LineMetrics(loop if isinstance(loop, LoopSettings) else LoopSettings(**loop))
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches

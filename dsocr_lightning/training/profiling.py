@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 log = logging.getLogger(__name__)
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # frames in torch's own code are not the place that synced
 
 
 def gpu_kernels(events: Any) -> list[Any]:
@@ -121,6 +122,6 @@ class SyncRecorder(warnings.catch_warnings):
         if "synchronizing" not in str(message.message).lower():
             return
         frames = [f for f in traceback.extract_stack()[:-1]
-                  if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith("warnings.py")]  # fmt: skip
+                  if not f.filename.startswith(TORCH_DIR) and not f.filename.endswith("warnings.py")]  # fmt: skip
         where = frames[-1] if frames else None
         self.places[f"{where.filename}:{where.lineno} {where.name}" if where else "?"] += 1
