@@ -234,15 +234,19 @@ class SampleCollator:
             batch |= self.prompt_batch(encoded)
         return batch
 
-    def token_batch(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
-        """Right-padded ids, labels (IGNORE_INDEX on padding), image positions and attention mask."""
+    def token_batch(self, encoded: list[Encoded]) -> dict[str, Any]:
+        """Right-padded ids, labels (IGNORE_INDEX on padding), image positions and attention mask; `right_padded`
+        tells the module that the padding mask can be left out (padding only after each row's tokens: under causal
+        attention it changes nothing the loss reads; same loss, tests/test_collate.py and tests/v2/test_loss_v2.py)."""
         ids = torch.tensor(pad_to([e.prompt + e.response for e in encoded], self.pad_id), dtype=torch.long)
         masks = [e.image_mask + [False] * len(e.response) for e in encoded]
+        mask = (ids != self.pad_id).long()
         return {
             "input_ids": ids,
             "labels": torch.tensor(pad_to([self.labels_for(e) for e in encoded], IGNORE_INDEX), dtype=torch.long),
             "images_seq_mask": torch.tensor(pad_to(masks, False), dtype=torch.bool),
-            "attention_mask": (ids != self.pad_id).long(),
+            "attention_mask": mask,
+            "right_padded": bool((mask[:, 1:] <= mask[:, :-1]).all()),
         }
 
     def prompt_batch(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:

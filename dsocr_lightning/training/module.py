@@ -135,6 +135,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.base_dtype = torch.float32
         self.train_loss = StepMean()  # micro-batch losses of the current optimizer step (weighted: see note_loss)
         self.nonfinite_skips = StepSum()  # micro-batches of the current optimizer step skipped for a NaN/inf loss
+        self.unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch_idx, loss) of this step (`stop`)
         self.val_cer = CERMetrics(persian_normalizer() if normalize_persian else None)
         self.val_lines = LineMetrics(loop if isinstance(loop, LoopSettings) else LoopSettings(**loop))
         self.val_loss = MeanMetric()  # synced once per epoch: ranks may see different numbers of batches
@@ -241,7 +242,9 @@ class DeepSeekOCRModule(L.LightningModule):
         if not batch["texts"]:  # every sample of this batch was bad and skipped (counted by the bad_samples callback)
             return self.skip_micro_batch(nonfinite=False)
         loss = self.guarded_forward(self.to_base_dtype(batch), step_tokens).loss
-        if not torch.isfinite(loss):
+        if self.hparams.nonfinite_loss == "stop":  # checked before the optimizer step: here it would be a sync
+            self.unchecked_losses.append((batch_idx, loss.detach()))
+        elif not torch.isfinite(loss):  # skip: decided before this backward
             self.on_nonfinite(loss, batch_idx)
             return self.skip_micro_batch(nonfinite=True)
         self.note_loss(loss.detach(), batch, step_tokens)
@@ -298,6 +301,15 @@ class DeepSeekOCRModule(L.LightningModule):
             mode = data.hparams.mode if data is not None else "?"
             raise RuntimeError(out_of_memory_message(error, size, mode)) from error
 
+    def stop_on_nonfinite(self) -> None:
+        """`nonfinite_loss: stop`: the step's micro-batch losses, checked with one read-back before the optimizer
+        step (a check after each forward would make the CPU wait for the GPU there); raises on the first non-finite
+        one, before its gradients reach a weight."""
+        losses, self.unchecked_losses = self.unchecked_losses, []
+        if losses and not bool(torch.stack([loss for _, loss in losses]).isfinite().all()):
+            batch_idx, loss = next((index, loss) for index, loss in losses if not torch.isfinite(loss))
+            self.on_nonfinite(loss, batch_idx)
+
     def on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         message = f"non-finite loss {loss.item()} at global step {self.global_step} (batch {batch_idx})"
         if self.hparams.nonfinite_loss == "stop":
@@ -308,6 +320,7 @@ class DeepSeekOCRModule(L.LightningModule):
         """One `train/loss` per optimizer step, as HF logs it (`note_loss`), all ranks' together (NaN when every
         micro-batch was skipped); `train/nonfinite_skipped` counts the step's skipped micro-batches
         (all ranks). Both every step: Lightning would repeat a value not logged again."""
+        self.stop_on_nonfinite()
         if self.train_loss.update_count:  # equal on every rank: all compute (gather) together
             self.log("train/loss", self.train_loss.compute(), on_step=True, prog_bar=True)
             self.log("train/nonfinite_skipped", self.nonfinite_skips.compute(), on_step=True)

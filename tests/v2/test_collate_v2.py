@@ -26,7 +26,7 @@ def test_token_counts_and_masks(processor, pages, name):
     tokenizer, image_id = processor.tokenizer, processor.image_token_id
     ids, labels, mask = batch["input_ids"][0], batch["labels"][0], batch["images_seq_mask"][0]
     assert int(mask.sum()) == tokens == int((ids == image_id).sum())
-    assert batch["num_local_patches"].tolist() == [crops]
+    assert batch["num_local_patches"] == [crops]
     assert batch["pixel_values"].shape == (1, 3, 1024, 1024)
     assert (
         (batch["pixel_values_local"] is None)
@@ -42,7 +42,7 @@ def test_token_counts_and_masks(processor, pages, name):
 def test_mixed_batch_pads_right_and_prompts_left(processor, pages):
     batch = collate(processor, pages, ["line", "wide", "tall"], with_prompts=True)
     pad = processor.tokenizer.pad_token_id
-    assert batch["num_local_patches"].tolist() == [0, 3, 3] and batch["pixel_values_local"].shape[0] == 6
+    assert batch["num_local_patches"] == [0, 3, 3] and batch["pixel_values_local"].shape[0] == 6
     assert batch["input_ids"][0, -1] == pad and batch["labels"][0, -1] == IGNORE_INDEX
     assert (batch["attention_mask"] == (batch["input_ids"] != pad)).all()
     assert batch["prompt_input_ids"][0, 0] == pad and batch["prompt_input_ids"][1, -1] != pad

@@ -168,3 +168,39 @@ def test_under_ddp_the_step_counts_every_ranks_tokens(v2_dir, lines_dir, tmp_pat
                 for name in runs)  # fmt: skip
     assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3  # trained, not the zero init
+
+
+def test_right_padding_needs_no_mask(v2_dir, processor, pages):
+    """As v1's (tests/test_collate.py): the module drops a right-padded batch's mask; the loss and every LoRA gradient
+    are the masked ones."""
+    import types
+
+    from dsocr_lightning.data.images import MODES
+    from dsocr_lightning.families import family
+    from dsocr_lightning.families.v2.collate import ProcessorCollator
+    from dsocr_lightning.families.v2.loading import load
+    from dsocr_lightning.training.loading import LoadSettings, LoraSettings
+    from dsocr_lightning.training.module import DeepSeekOCRModule
+
+    model, *_ = load(LoadSettings(str(v2_dir), "transformers", dtype="float32"), LoraSettings())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    collate = ProcessorCollator(processor, mode=MODES["gundam"])
+    batch = collate([{"image": pages["line"], "text": "a longer line of text"}, {"image": pages["line"], "text": "ab"}])
+    assert batch["right_padded"] and not batch["attention_mask"].all()
+    seen = {}
+    fake = types.SimpleNamespace(backend="transformers", graph_pad=0, family=family("v2"),
+                                 model=lambda **kw: seen.update(kw) or model(**kw))  # fmt: skip
+    loss = DeepSeekOCRModule.forward(fake, batch).loss
+    assert seen["attention_mask"] is None
+    loss.backward()
+    unmasked = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    masked = model(**{k: batch[k] for k in family("v2").forward_keys}).loss
+    masked.backward()
+    torch.testing.assert_close(loss, masked, rtol=1e-6, atol=0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(unmasked[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -47,14 +47,10 @@ class OCRCollator(SampleCollator):
         return prompt, [False] * (1 + len(before)) + [True] * count + [False] * len(after)
 
     def model_inputs(self, pixels: list[Any], batch: dict[str, Any]) -> dict[str, Any]:
-        """`images` as (crops, global view) per row and their grids; `right_padded` tells the module that the
-        padding mask can be left out (padding only after each row's tokens: under causal attention it changes
-        nothing the loss reads; same loss, tests/test_collate.py)."""
-        mask = batch["attention_mask"]
+        """`images` as (crops, global view) per row and their grids."""
         inputs = {
             "images": [(crops, glob) for crops, glob, _ in pixels],
             "images_spatial_crop": torch.tensor([list(grid) for _, _, grid in pixels], dtype=torch.long),
-            "right_padded": bool((mask[:, 1:] <= mask[:, :-1]).all()),
         }
         check_image_tokens(inputs["images"], inputs["images_spatial_crop"], batch["images_seq_mask"])
         return inputs

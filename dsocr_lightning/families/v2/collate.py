@@ -50,10 +50,11 @@ class ProcessorCollator(SampleCollator):
         return ImagePrompt(pixels, ids, [token == self.image_id for token in ids])
 
     def model_inputs(self, pixels: list[Any], batch: dict[str, Any]) -> dict[str, Any]:
-        """Global views stacked, every row's crops in one tensor (None when no row has any), crops per row."""
+        """Global views stacked, every row's crops in one tensor (None when no row has any), crops per row (a list:
+        transformers reads it on the CPU, and a tensor would travel to the GPU and be read back, a sync per batch)."""
         crops = [local for _, local in pixels if local is not None]
         return {
             "pixel_values": torch.cat([glob for glob, _ in pixels]),
             "pixel_values_local": torch.cat(crops) if crops else None,
-            "num_local_patches": torch.tensor([0 if c is None else c.shape[0] for _, c in pixels], dtype=torch.long),
+            "num_local_patches": [0 if c is None else c.shape[0] for _, c in pixels],
         }
