@@ -1,12 +1,16 @@
 """What the benchmarks share: the commit a result was measured at (with +dirty for uncommitted changes), the
-scalars a run logged to TensorBoard, and how a result JSON is written."""
+scalars a run logged to TensorBoard, how a result JSON is written, and how one GPU call is timed."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3  # optimizer steps left out of speed medians (kernel selection, compilation, allocator warm-up)
@@ -37,3 +41,17 @@ def scalars(log_dir: str | Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def timed_call(call: Callable[[], Any], runs: int, skip: int) -> tuple[float, Any]:
+    """(median seconds of `call` over `runs` calls after `skip` warm-ups, each waited for on the GPU; its last result)."""
+    import torch
+
+    times = []
+    for _ in range(skip + runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[skip:]), out

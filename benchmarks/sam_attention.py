@@ -10,26 +10,17 @@ prefill) in bf16 under no_grad, the median of 5 after 2 warm-ups, and the larges
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import ROOT, commit, write_json
+from common import ROOT, commit, timed_call, write_json
 
 from dsocr_lightning.families.v2.config import full_size_config
 from dsocr_lightning.families.v2.sam_attention import folded_class, patch_sam_attention
 
 
 def timed(encoder: torch.nn.Module, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    times = []
-    for _ in range(7):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = encoder(pixels).last_hidden_state
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]), out
+    return timed_call(lambda: encoder(pixels).last_hidden_state, runs=5, skip=2)
 
 
 def main() -> None:

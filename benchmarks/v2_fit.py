@@ -94,7 +94,7 @@ def our_fit(args: argparse.Namespace, model: Path, lines: Path, run: str) -> dic
             "samples_per_s": statistics.median(speeds), **peak(values), **profiled}  # fmt: skip
 
 
-PROFILED = ("perf/gpu_busy", "perf/kernel_launches", "perf/profiled_wall_s", "perf/gpu_kernel_s")
+PROFILED = ("perf/gpu_busy", "perf/kernel_launches", "perf/profiled_wall_s", "perf/gpu_kernel_s", "perf/syncs")
 
 
 def peak(values: dict[str, list[float]]) -> dict[str, float]:
@@ -137,6 +137,8 @@ def run_reference(args: argparse.Namespace) -> None:
         batch = {k: v for k, v in collate(samples).items() if k in V2_MODEL_KEYS}
         for key in ("pixel_values", "pixel_values_local"):
             batch[key] = batch[key].to(dtype) if batch.get(key) is not None else None
+        if args.reference_patches == "tensor":  # as the processor returns it: Trainer moves it to the GPU
+            batch["num_local_patches"] = torch.tensor(batch["num_local_patches"], dtype=torch.long)
         return batch
 
     class InOrder(Trainer):
@@ -185,6 +187,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=None, help="our runs (default: all; --tiny: fast)")
     parser.add_argument("--profile", action="store_true", help="our runs profile one micro-batch (perf/gpu_busy, ...)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reference-patches", choices=["list", "tensor"], default="list",
+                        help="the reference's num_local_patches: the collator's CPU list, or a tensor (read back on "
+                        "the GPU by transformers, a sync per micro-batch)")  # fmt: skip
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = parser.parse_args()
     args.steps = args.steps or (3 if args.tiny else 20)

@@ -11,12 +11,11 @@ capture; and the largest difference of the outputs (the same kernels: expected 0
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, commit, write_json
+from common import ROOT, commit, timed_call, write_json
 
 from dsocr_lightning.families.v2.config import full_size_config
 from dsocr_lightning.families.v2.frozen_vision import patch_frozen_vision
@@ -24,14 +23,7 @@ from dsocr_lightning.families.v2.sam_attention import patch_sam_attention
 
 
 def timed(tower: torch.nn.Module, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    times = []
-    for _ in range(10):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = tower(pixels).last_hidden_state
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:]), out
+    return timed_call(lambda: tower(pixels).last_hidden_state, runs=7, skip=3)
 
 
 def tower() -> torch.nn.Module:
