@@ -11,15 +11,16 @@ def reads_back() -> None:
     warnings.warn("called a synchronizing CUDA operation", UserWarning)  # what torch's sync debug mode says
 
 
-def test_sync_recorder_counts_each_place_and_only_syncs():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # outside the recorder: not shown, not counted
+def test_sync_recorder_counts_each_place_and_passes_other_warnings_on():
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
         recorder = SyncRecorder()
         with recorder:
             for _ in range(3):
                 reads_back()
             warnings.warn("something else", UserWarning)
-        reads_back()
+        reads_back()  # after: shown as before, not counted
     assert list(recorder.places.values()) == [3]
     (place,) = recorder.places
     assert "test_profiling.py" in place and place.endswith(" reads_back")
+    assert [str(w.message) for w in shown] == ["something else", "called a synchronizing CUDA operation"]

@@ -223,3 +223,18 @@ def test_adapter_write_is_atomic(tmp_path):
     assert (target / "adapter_model.safetensors").read_bytes() == b"good"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "cwd", target]  # no temporary folder left behind
     assert (target / "adapter_model.safetensors").read_bytes() == b"good"
+
+
+def test_a_nonfinite_loss_in_a_window_cut_short_still_stops():
+    """`stop` reads the losses back once per optimizer step; a window that never reaches one (should_stop in the
+    middle of an accumulation) is read at the end of training."""
+    import types
+
+    fake = types.SimpleNamespace(hparams=types.SimpleNamespace(nonfinite_loss="stop"), global_step=3,
+                                 unchecked_losses=[(8, torch.tensor(1.0)), (9, torch.tensor(float("inf")))])  # fmt: skip
+    fake.stop_on_nonfinite = types.MethodType(DeepSeekOCRModule.stop_on_nonfinite, fake)
+    fake.on_nonfinite = types.MethodType(DeepSeekOCRModule.on_nonfinite, fake)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss inf at global step 3 \(batch 9\)"):
+        DeepSeekOCRModule.on_train_end(fake)
+    assert fake.unchecked_losses == []
+    DeepSeekOCRModule.on_train_end(fake)  # nothing left: nothing raised

@@ -77,6 +77,10 @@ class ShapeGraphs:
         log.info("%s: captured a CUDA graph for input %s", self.name, list(x.shape))
         return self.graphs[key]
 
+    def clear(self) -> None:
+        """Forget every graph (they read the weights where they were: after a move or a cast they are stale)."""
+        self.graphs, self.pool, self.said_full = {}, None, False
+
     def __getstate__(self) -> dict[str, Any]:
         """A copy (deepcopy, pickle) starts without graphs: they belong to this process and these buffers."""
         return {"name": self.name, "limit": self.limit, "graphs": {}, "pool": None, "said_full": False}

@@ -310,6 +310,11 @@ class DeepSeekOCRModule(L.LightningModule):
             batch_idx, loss = next((index, loss) for index, loss in losses if not torch.isfinite(loss))
             self.on_nonfinite(loss, batch_idx)
 
+    def on_train_end(self) -> None:
+        """A window cut short (`should_stop` mid-accumulation: max_time, early stopping) never reaches an optimizer
+        step: its losses are checked here."""
+        self.stop_on_nonfinite()
+
     def on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         message = f"non-finite loss {loss.item()} at global step {self.global_step} (batch {batch_idx})"
         if self.hparams.nonfinite_loss == "stop":

@@ -63,6 +63,17 @@ class GpuProfile(L.Callback):
         """
         self.batch, self.profiler, self.start, self.seen = batch, None, 0.0, 0
         self.recorder: SyncRecorder | None = None
+        self.debug_mode = 0
+
+    def stop_recording(self) -> SyncRecorder:
+        torch.cuda.set_sync_debug_mode(self.debug_mode)
+        recorder, self.recorder = self.recorder, None
+        recorder.__exit__(None, None, None)
+        return recorder
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if self.recorder is not None:  # the profiled micro-batch raised: torch's and Python's warning state back
+            self.stop_recording()
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
         self.seen += 1
@@ -75,6 +86,7 @@ class GpuProfile(L.Callback):
         self.profiler.__enter__()
         self.recorder = SyncRecorder()
         self.recorder.__enter__()
+        self.debug_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")  # a warning at every synchronising call, from where it was made
         self.start = time.perf_counter()
 
@@ -83,9 +95,7 @@ class GpuProfile(L.Callback):
             return
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.start
-        torch.cuda.set_sync_debug_mode("default")
-        self.recorder.__exit__(None, None, None)
-        syncs = self.recorder.places
+        syncs = self.stop_recording().places
         self.profiler.__exit__(None, None, None)
         seconds, summed, count = kernel_time(self.profiler.events())
         experts = expert_kernel_seconds(self.profiler.events())
@@ -115,11 +125,14 @@ class SyncRecorder(warnings.catch_warnings):
 
     def __enter__(self) -> None:
         super().__enter__()
-        warnings.simplefilter("always")
+        self.shown = self._module._showwarnmsg_impl  # other warnings go where they went
+        warnings.filterwarnings("always", message=".*synchronizing")
+        self._module.showwarning = self._module._showwarning_orig  # as catch_warnings(record=True): to the impl below
         self._module._showwarnmsg_impl = self.note  # where warnings reach Python, C++ ones included
 
     def note(self, message: warnings.WarningMessage) -> None:
         if "synchronizing" not in str(message.message).lower():
+            self.shown(message)
             return
         frames = [f for f in traceback.extract_stack()[:-1]
                   if not f.filename.startswith(TORCH_DIR) and not f.filename.endswith("warnings.py")]  # fmt: skip

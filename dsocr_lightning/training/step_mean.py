@@ -3,7 +3,8 @@
 torchmetrics' `MeanMetric` / `SumMetric` check every update for NaN (`.any()`) and copy a Python weight to the GPU:
 three CPU-GPU syncs per update, two updates per micro-batch. A sync makes the CPU wait for the GPU's queue to drain,
 so it cannot queue the next kernels meanwhile. The module tests the loss for NaN/inf itself before it updates
-(`nonfinite_loss`), so these keep no check: a weighted sum and its weight, summed over ranks by `compute`.
+(`nonfinite_loss`), so these keep no check: a weighted sum and its weight (float32: MPS has no float64), summed over
+ranks by `compute`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class StepMean(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor | float, weight: float = 1.0) -> None:
         self.total += value * weight  # a Python weight is a kernel argument, not a copy
@@ -37,7 +38,7 @@ class StepSum(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor | float) -> None:
         self.total += value

@@ -64,12 +64,16 @@ def loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("encoder", [False, True])
 def test_frozen_vision_keeps_the_loss_and_gradients(v2_dir, batch, encoder):
-    from dsocr_lightning.families.v2.frozen_vision import patch_frozen_vision
+    from dsocr_lightning.families.v2.frozen_vision import patch_frozen_vision, vision_tower
 
     model = checkpointed_model(v2_dir, encoder)
     loss, grads, seen = loss_and_grads(model, batch)
     assert seen == {"sam": True, "encoder": True}  # transformers' tower under checkpointing: all in autograd
     line = patch_frozen_vision(model, "a test on a CPU")
+    tower = vision_tower(model)
+    checkpointing = {name for name, part in (("sam", tower.sam_encoder), ("encoder", tower.vision_encoder))
+                     if any(getattr(m, "gradient_checkpointing", False) for m in part.modules())}  # fmt: skip
+    assert checkpointing == ({"encoder"} if encoder else set())  # a frozen layer has nothing to recompute
     frozen_loss, frozen_grads, frozen_seen = loss_and_grads(model, batch)
     assert frozen_seen == {"sam": False, "encoder": encoder}
     assert ("SAM (the Qwen2 encoder trains" in line) is encoder
@@ -99,7 +103,10 @@ def test_the_graph_path_is_the_forward_and_a_patched_tower_copies(v2_dir, batch,
         ShapeGraphs, "__call__", lambda self, fn, x, tag=None: calls.append(tag) or real(self, fn, x, tag)
     )
     assert torch.equal(tower(pixels).last_hidden_state, expected)
-    assert calls == [(False, next(tower.parameters()).data_ptr())]
+    assert calls == [(False, False, False, torch.get_autocast_dtype("cuda"))]  # eval, no inference mode or autocast
+    tower._view_graphs.graphs["stale"] = None
+    tower.float()  # a move or a cast: the graphs read the old tensors
+    assert tower._view_graphs.graphs == {}
     for twin in (copy.deepcopy(tower), pickle.loads(pickle.dumps(tower))):
         assert type(twin) is type(tower) and twin._view_graphs.graphs == {}
         assert torch.equal(twin(pixels).last_hidden_state, expected)

@@ -32,8 +32,19 @@ def frozen_forward(self: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -
         graphs = self.__dict__.get("_view_graphs")
         if graphs is None or any(value is not None and value is not False for value in kwargs.values()):
             return self.frozen_base.forward(self, pixel_values, **kwargs)
-        tag = (self.training, next(self.parameters()).data_ptr())  # a graph reads the weights where they were
+        # what else the captured kernels depend on; where the weights are: `_apply` forgets the graphs on a move
+        tag = (self.training, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda"))  # fmt: skip
         return BaseModelOutput(last_hidden_state=graphs(self.last_hidden_state, pixel_values, tag))
+
+
+def frozen_apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """nn.Module's `_apply` (every `.to`, `.cuda`, `.half`), then the graphs forgotten: they read the old tensors."""
+    self.frozen_base._apply(self, fn, *args, **kwargs)
+    graphs = self.__dict__.get("_view_graphs")
+    if graphs is not None:
+        graphs.clear()
+    return self
 
 
 def last_hidden_state(self: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -44,8 +55,8 @@ def last_hidden_state(self: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
 def frozen_class(base: type) -> type:
     """transformers' class with the frozen forward (one subclass per base class), named in this module so that a
     patched module pickles."""
-    members = {"forward": frozen_forward, "last_hidden_state": last_hidden_state, "frozen_base": base,
-               "__module__": __name__}  # fmt: skip
+    members = {"forward": frozen_forward, "last_hidden_state": last_hidden_state, "_apply": frozen_apply,
+               "frozen_base": base, "__module__": __name__}  # fmt: skip
     frozen = type(f"Frozen{base.__name__}", (base,), members)
     globals()[frozen.__name__] = frozen
     return frozen
@@ -72,6 +83,9 @@ def patch_frozen_vision(model: nn.Module, graphs_blocked: str | None) -> str:
         (tower, "SAM and the Qwen2 encoder")  # fmt: skip
     if "frozen_base" not in vars(type(frozen)):  # not patched yet
         frozen.__class__ = frozen_class(type(frozen))
+    for layer in frozen.modules():  # nothing to recompute without autograd (and no RNG state to stash in a capture)
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
     frozen._view_graphs = (
         None if graphs_blocked else ShapeGraphs(f"frozen vision ({type(frozen).frozen_base.__name__})")
     )
