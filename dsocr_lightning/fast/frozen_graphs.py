@@ -5,7 +5,8 @@ waits on the CPU. Its input shape repeats (a batch's views: [views, 3, size, siz
 (two warm-up calls on a side stream, then the capture) and replayed: one CPU call instead of the kernels. The input
 is copied into the graph's own buffer, the output out of it (a later replay overwrites the graph's). All graphs share
 one memory pool: they never run at once, and each one's output buffer stays allocated, so no capture reuses
-another's output. At most `limit` shapes get a graph; any other runs eagerly (logged once).
+another's output. At most `limit` shapes get a graph; any other runs eagerly (logged once). The pool stays allocated
+(the largest captured call's activations): memory the rest of the run cannot use.
 
 The reference is the function itself (`fn`): on a CPU, or where graphs are off, it is what runs.
 """
@@ -36,8 +37,8 @@ class ShapeGraphs:
     def __call__(
         self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tag: Hashable = None
     ) -> torch.Tensor:
-        """fn(x), replayed where a graph for x's shape (and `tag`: what else `fn` depends on, e.g. a module's mode and
-        where its weights live) was captured."""
+        """fn(x), replayed where a graph for x's shape and `tag` (what else the captured kernels depend on: a module's
+        train/eval mode, inference mode, autocast) was captured."""
         if not x.is_cuda:
             return fn(x)
         key = (tuple(x.shape), x.dtype, x.device, tag)
