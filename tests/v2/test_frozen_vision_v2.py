@@ -27,16 +27,14 @@ def batch(processor, pages):
 def checkpointed_model(v2_dir, encoder: bool, checkpointing: bool = True):
     """The stand-in as the loader gives it under gradient checkpointing (PEFT hooks every input embedding), LoRA B
     drawn so that every LoRA weight gets a gradient."""
+    from test_lora_v2 import draw_lora_b
+
     from dsocr_lightning.families.v2.loading import load
     from dsocr_lightning.training.loading import LoadSettings, LoraSettings
 
     settings = LoadSettings(str(v2_dir), "transformers", dtype="float32", gradient_checkpointing=checkpointing)
     model, *_ = load(settings, LoraSettings(encoder=encoder))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    return model.train()
+    return draw_lora_b(model).train()
 
 
 def loss_and_grads(model, batch):

@@ -35,8 +35,13 @@ def tiny(v2_dir, experts="eager"):
 
 def lora_model(v2_dir, layout="split", encoder=False, experts="eager", seed=0):
     torch.manual_seed(seed)
-    model = apply_lora(tiny(v2_dir, experts), peft_config(16, 16, 0.0, False, layout, encoder), layout)
-    with torch.no_grad():  # B starts at zero: give the adapters an effect to compare
+    return draw_lora_b(apply_lora(tiny(v2_dir, experts), peft_config(16, 16, 0.0, False, layout, encoder), layout))
+
+
+def draw_lora_b(model):
+    """`model` with every LoRA B drawn (seeded by its name): B starts at zero, this gives the adapters an effect to
+    compare and every LoRA weight a gradient."""
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))

@@ -175,6 +175,8 @@ def test_right_padding_needs_no_mask(v2_dir, processor, pages):
     are the masked ones."""
     import types
 
+    from test_lora_v2 import draw_lora_b
+
     from dsocr_lightning.data.images import MODES
     from dsocr_lightning.families import family
     from dsocr_lightning.families.v2.collate import ProcessorCollator
@@ -183,10 +185,7 @@ def test_right_padding_needs_no_mask(v2_dir, processor, pages):
     from dsocr_lightning.training.module import DeepSeekOCRModule
 
     model, *_ = load(LoadSettings(str(v2_dir), "transformers", dtype="float32"), LoraSettings())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    draw_lora_b(model)
     collate = ProcessorCollator(processor, mode=MODES["gundam"])
     batch = collate([{"image": pages["line"], "text": "a longer line of text"}, {"image": pages["line"], "text": "ab"}])
     assert batch["right_padded"] and not batch["attention_mask"].all()
