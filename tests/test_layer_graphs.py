@@ -59,6 +59,19 @@ def test_stable_gradients_accumulate_in_their_own_memory():
     assert stable_grads(layer.parameters()) == 0  # buffers already there are kept
 
 
+def test_the_optimizer_step_zeroes_the_gradient_buffers_in_place():
+    layer, frozen = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    optimizer = torch.optim.SGD([*layer.parameters(), frozen], lr=0.1)  # a parameter without .grad is left alone
+    fake = types.SimpleNamespace(graph_pad=32, picked=types.SimpleNamespace(zero=lambda: None))
+    stable_grads(layer.parameters())
+    layer(torch.randn(5, 4)).sum().backward()
+    pointers = [p.grad.data_ptr() for p in layer.parameters()]
+    assert all(p.grad.any() for p in layer.parameters())
+    DeepSeekOCRModule.optimizer_zero_grad(fake, 0, 0, optimizer)
+    assert [p.grad.data_ptr() for p in layer.parameters()] == pointers and frozen.grad is None
+    assert not any(p.grad.any() for p in layer.parameters())
+
+
 def test_every_micro_batch_starts_with_gradient_buffers_of_its_own():
     """Lightning sets every .grad to None before validation: the next backward would then keep a graph's output as
     .grad (overwritten by its next replay; on the GPU the first zero_grad after validation failed). The module gives

@@ -111,6 +111,10 @@ class Family:
     def expand(self, batch: dict[str, Any]) -> dict[str, Any]:
         return batch
 
+    def forward(self, model: Any, inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
+        """The model's output on `inputs` (the `forward_keys` of `batch`, padded, with the module's options)."""
+        return model(**inputs)
+
     def decoder_parts(self, model: Any) -> Any:
         """The parts the static-cache decoder (fast/decode.py) needs, or None: decode with `generate`."""
         return None

@@ -9,7 +9,7 @@ one replay. What graphs need, and what this module provides:
   loss ignores it: the same loss, tests/test_layer_graphs.py);
 - stable gradient buffers: a backward graph's outputs are overwritten by its next replay, so with gradient
   accumulation `.grad` must be a tensor of its own, allocated before the first backward and zeroed in place
-  (`stable_grads`; the module then zeroes with `set_to_none=False`);
+  (`stable_grads`; the module then zeroes them in place, `zero_grads`);
 - no recomputation of the layers from outside their graphs: gradient checkpointing off, or done by the layers
   themselves (transformers 5's `GradientCheckpointingLayer`), which the compiled region then takes over: the
   recomputation is part of the compiled backward graph (`layer_graph_blocker`; fast/compiled_layers.py).
@@ -66,6 +66,14 @@ def stable_grads(params: Iterable[torch.Tensor]) -> int:
             param.grad = torch.zeros_like(param)
             count += 1
     return count
+
+
+def zero_grads(params: Iterable[torch.Tensor]) -> None:
+    """Zero every existing `.grad` of `params` in place with one foreach call (the optimizer's `zero_grad` calls
+    `zero_` tensor by tensor from Python: a few hundred LoRA tensors a step)."""
+    grads = [param.grad for param in params if param.grad is not None]
+    if grads:
+        torch._foreach_zero_(grads)
 
 
 def skipped_graphs() -> int:

@@ -24,7 +24,7 @@ from ..families import Family, family
 from ..families.detect import standin_version
 from ..fast import FastPaths
 from ..fast.decode import release_decoder
-from ..fast.layer_graphs import graphs_active, pad_length, skipped_graphs, stable_grads
+from ..fast.layer_graphs import graphs_active, pad_length, skipped_graphs, stable_grads, zero_grads
 from ..fast.moe import looped_expert_layers
 from ..files.checkpoints import best_checkpoint
 from ..files.folders import ForeignFilesError, replaced_folder
@@ -146,7 +146,7 @@ class DeepSeekOCRModule(L.LightningModule):
         self.trainable: list[torch.nn.Parameter] = []  # set when training starts
         self.picked = PickedExperts([])  # the grouped experts' records of picked experts, found with the optimizer
         self.step_token_loss = False  # set when the model loads: the loss is normalised over a step's label tokens
-        self.step_tokens: tuple[int, torch.Tensor] | None = None  # (global step, its label tokens on all ranks)
+        self.step_tokens: tuple[int, torch.Tensor | float] | None = None  # (global step, its label tokens on all ranks)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -209,10 +209,13 @@ class DeepSeekOCRModule(L.LightningModule):
             stable_grads(self.trainable)  # after validation (Lightning sets every .grad to None before it)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.zero_grad(set_to_none=not self.graph_pad)  # keep the gradient buffers that graphs need
+        if self.graph_pad:  # keep the gradient buffers that graphs need: zeroed in place
+            zero_grads(p for group in optimizer.param_groups for p in group["params"])
+        else:
+            optimizer.zero_grad(set_to_none=True)
         self.picked.zero()
 
-    def forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | None = None) -> Any:
+    def forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | float | None = None) -> Any:
         """The model's output; `num_items_in_batch` (training, `step_token_loss`): its loss is the batch's summed
         token loss divided by that, as HF Trainer passes it."""
         keys = self.family.forward_keys
@@ -229,7 +232,7 @@ class DeepSeekOCRModule(L.LightningModule):
             # without it transformers skips building a [B, 1, L, L] mask (vmap, ~24 ms of CPU a forward, measured
             # on CPU) and attention may take the causal flash kernel. Same loss (tests/test_collate.py).
             inputs["attention_mask"] = None
-        return self.model(**inputs)
+        return self.family.forward(self.model, inputs, batch)
 
     def to_base_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Pixels travel as float32 and meet the vision towers in the base weights' dtype. (Done in the steps, not
@@ -256,7 +259,7 @@ class DeepSeekOCRModule(L.LightningModule):
         world = self.trainer.world_size if self.data_parallel else 1
         return loss * (self.trainer.accumulate_grad_batches * world)
 
-    def step_label_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+    def step_label_tokens(self, batch: dict[str, Any]) -> torch.Tensor | float:
         """The label tokens of this micro-batch's optimizer step, over all its micro-batches and all ranks (HF
         Trainer's `num_items_in_batch` with `average_tokens_across_devices`): the training loader counts a step's
         micro-batches on this rank (`step_tokens.py`); the first micro-batch of each step sums them over ranks."""
@@ -264,13 +267,19 @@ class DeepSeekOCRModule(L.LightningModule):
             raise RuntimeError(f"step_token_loss needs each training batch's {STEP_TOKENS_KEY!r}: batches from "
                                "OCRDataModule's training loader carry it")  # fmt: skip
         if self.step_tokens is None or self.step_tokens[0] != self.global_step:
-            count = torch.tensor(batch[STEP_TOKENS_KEY], dtype=torch.long, device=self.device)
-            if self.data_parallel:  # a collective: every rank gets here once per step, skipped batches included
-                count = self.trainer.strategy.reduce(count, reduce_op="sum")
-            self.step_tokens = (self.global_step, count.float())  # a float, as Trainer's count reaches the loss
+            self.step_tokens = (self.global_step, self.all_ranks_tokens(batch[STEP_TOKENS_KEY]))
         return self.step_tokens[1]
 
-    def note_loss(self, loss: torch.Tensor, batch: dict[str, Any], step_tokens: torch.Tensor | None) -> None:
+    def all_ranks_tokens(self, count: int) -> torch.Tensor | float:
+        """A step's label tokens summed over ranks, a float as Trainer's count reaches the loss. On one device a
+        Python float: a tensor made here would be copied to the GPU from pageable memory, a sync each step."""
+        if not self.data_parallel:
+            return float(count)
+        # a collective: every rank gets here once per step, skipped batches included
+        total = self.trainer.strategy.reduce(torch.tensor(count, dtype=torch.long, device=self.device), reduce_op="sum")
+        return total.float()
+
+    def note_loss(self, loss: torch.Tensor, batch: dict[str, Any], step_tokens: torch.Tensor | float | None) -> None:
         """The step's `train/loss` is what HF logs: the mean of the micro-batch means; or, normalised over the step's
         tokens, the step's summed token loss over its tokens (each micro-batch's mean weighted by its tokens)."""
         if step_tokens is None:
@@ -291,7 +300,7 @@ class DeepSeekOCRModule(L.LightningModule):
             return None
         return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
-    def guarded_forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | None = None) -> Any:
+    def guarded_forward(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | float | None = None) -> Any:
         """Forward, with the remedies spelled out when the GPU runs out of memory."""
         try:
             return self(batch, num_items_in_batch)

@@ -217,3 +217,25 @@ def test_v2_decoding_graphs_follow_the_shared_rule(v2_dir):
     reference, grouped = grouped_pair(v2_dir, "split")
     assert "expert loop" in graph_blocker(decoder_parts(reference))
     assert "no fused kernel" in graph_blocker(decoder_parts(grouped))
+
+
+def test_the_moe_layers_share_one_compiled_entry(v2_dir):
+    """torch.compile guards on a module's class: the split experts' class is one for all layers (not one per layer),
+    so every MoE layer runs the same compiled entry, not one compiled and looked up per layer."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from dsocr_lightning.families.v2.experts import patch_grouped_experts
+    from dsocr_lightning.families.v2.lora import apply_lora, peft_config
+
+    config = AutoConfig.from_pretrained(v2_dir)
+    config.text_config.num_hidden_layers, config.text_config.mlp_layer_types = 4, ["dense"] + ["sparse"] * 3
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model = apply_lora(model, peft_config(8, 16, 0.0, False, "split", False), "split")
+    assert patch_grouped_experts(model, "native") == 3
+    torch._dynamo.reset()
+    entries = []
+    compile_layers(model.train(), backend=lambda gm, example: entries.append(gm) or gm.forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=torch.randint(3, 60, (2, 24)), use_cache=False)
+    assert len(entries) == 2  # the dense first layer (its input needs no gradient), then every MoE layer's one

@@ -181,6 +181,7 @@ def test_right_padding_needs_no_mask(v2_dir, processor, pages):
     from dsocr_lightning.families import family
     from dsocr_lightning.families.v2.collate import ProcessorCollator
     from dsocr_lightning.families.v2.loading import load
+    from dsocr_lightning.fast.layout import causal_lm
     from dsocr_lightning.training.loading import LoadSettings, LoraSettings
     from dsocr_lightning.training.module import DeepSeekOCRModule
 
@@ -190,9 +191,10 @@ def test_right_padding_needs_no_mask(v2_dir, processor, pages):
     batch = collate([{"image": pages["line"], "text": "a longer line of text"}, {"image": pages["line"], "text": "ab"}])
     assert batch["right_padded"] and not batch["attention_mask"].all()
     seen = {}
-    fake = types.SimpleNamespace(backend="transformers", graph_pad=0, family=family("v2"),
-                                 model=lambda **kw: seen.update(kw) or model(**kw))  # fmt: skip
+    hook = causal_lm(model).register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    fake = types.SimpleNamespace(backend="transformers", graph_pad=0, family=family("v2"), model=model)
     loss = DeepSeekOCRModule.forward(fake, batch).loss
+    hook.remove()
     assert seen["attention_mask"] is None
     loss.backward()
     unmasked = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -2,9 +2,10 @@
 
 Its parts: the config of the public checkpoint (`config.py`), loading and LoRA on the fused 3-D experts
 (`loading.py`, `lora.py`), those experts as grouped matmuls with their LoRA (`experts.py`; the compiled layers and
-their CUDA graphs are the shared ones of `fast/`), the processor-based collator (`collate.py`), the static-cache decoder's parts
-(`decode.py`), the merge (`export.py`) and the tiny TEST STAND-IN (`standin.py`). Importing this package imports
-nothing heavy; its modules need transformers 5.
+their CUDA graphs are the shared ones of `fast/`), the processor-based collator (`collate.py`), the module's forward
+without transformers' read-backs (`forward.py`), the static-cache decoder's parts (`decode.py`), the merge
+(`export.py`) and the tiny TEST STAND-IN (`standin.py`). Importing this package imports nothing heavy; its modules
+need transformers 5.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ class V2(Family):
 
     def global_views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         return list(batch["pixel_values"])  # the processor stacks the global views [B, 3, S, S]
+
+    def forward(self, model: Any, inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
+        from .forward import forward
+
+        return forward(model, inputs, batch)
 
     def decoder_parts(self, model: Any) -> Any:
         from .decode import decoder_parts

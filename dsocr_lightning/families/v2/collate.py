@@ -51,10 +51,12 @@ class ProcessorCollator(SampleCollator):
 
     def model_inputs(self, pixels: list[Any], batch: dict[str, Any]) -> dict[str, Any]:
         """Global views stacked, every row's crops in one tensor (None when no row has any), crops per row (a list:
-        transformers reads it on the CPU, and a tensor would travel to the GPU and be read back, a sync per batch)."""
+        transformers reads it on the CPU, and a tensor would travel to the GPU and be read back, a sync per batch), and
+        the count of image tokens (what the forward checks the image features against: families/v2/forward.py)."""
         crops = [local for _, local in pixels if local is not None]
         return {
             "pixel_values": torch.cat([glob for glob, _ in pixels]),
             "pixel_values_local": torch.cat(crops) if crops else None,
             "num_local_patches": [0 if c is None else c.shape[0] for _, c in pixels],
+            "image_tokens": int(batch["images_seq_mask"].sum()),
         }

@@ -13,6 +13,7 @@ so the adapter loads with plain PEFT on a stock transformers model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -47,6 +48,14 @@ def is_fused_experts(module: nn.Module) -> bool:
     return param is not None and param.dim() == 3 and getattr(module, "is_concatenated", True)
 
 
+@functools.cache
+def split_class(fused: type) -> type:
+    """`fused` with `SplitGateUp` mixed in: one class for all the model's experts modules, as torch.compile guards on a
+    module's class (a class per instance made it compile each MoE decoder layer anew and look each one up among the
+    others' entries at every call)."""
+    return type(fused.__name__, (SplitGateUp, fused), {"__module__": fused.__module__})
+
+
 def split_experts(model: nn.Module) -> int:
     """Hold every fused `gate_up_proj` as `gate_proj` + `up_proj` (views of its halves, no copy); returns the count."""
     count = 0
@@ -57,9 +66,8 @@ def split_experts(model: nn.Module) -> int:
         half = fused.shape[1] // 2
         module.gate_proj = nn.Parameter(fused.data[:, :half], requires_grad=fused.requires_grad)
         module.up_proj = nn.Parameter(fused.data[:, half:], requires_grad=fused.requires_grad)
-        cls = type(module)
-        module._fused_class = cls
-        module.__class__ = type(cls.__name__, (SplitGateUp, cls), {"__module__": cls.__module__})
+        module._fused_class = type(module)
+        module.__class__ = split_class(type(module))
         count += 1
     return count
 
