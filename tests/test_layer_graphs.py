@@ -59,7 +59,7 @@ def test_stable_gradients_accumulate_in_their_own_memory():
     assert stable_grads(layer.parameters()) == 0  # buffers already there are kept
 
 
-def test_the_optimizer_step_zeroes_the_gradient_buffers_in_place():
+def test_zero_grad_zeroes_the_gradient_buffers_in_place():
     layer, frozen = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.ones(2), requires_grad=False)
     optimizer = torch.optim.SGD([*layer.parameters(), frozen], lr=0.1)  # a parameter without .grad is left alone
     fake = types.SimpleNamespace(graph_pad=32, picked=types.SimpleNamespace(zero=lambda: None))

@@ -271,8 +271,8 @@ class DeepSeekOCRModule(L.LightningModule):
         return self.step_tokens[1]
 
     def all_ranks_tokens(self, count: int) -> torch.Tensor | float:
-        """A step's label tokens summed over ranks, a float as Trainer's count reaches the loss. On one device a
-        Python float: a tensor made here would be copied to the GPU from pageable memory, a sync each step."""
+        """A step's label tokens summed over ranks, in floating point as Trainer's count reaches the loss. On one
+        device a Python float: a tensor made here is copied to the GPU synchronously, a sync each step."""
         if not self.data_parallel:
             return float(count)
         # a collective: every rank gets here once per step, skipped batches included

@@ -1,5 +1,5 @@
 """DeepSeek-OCR 2's forward without syncs (families/v2/forward.py) against the model's own forward: the same loss and
-LoRA gradients (encoder LoRA included) with and without the padding mask; transformers builds no mask and looks for
+LoRA gradients (encoder LoRA included) with and without the padding mask and gradient checkpointing; transformers builds no mask and looks for
 no packed sequences under `causal_only`, which restores the attention setting; a miscounted batch is refused."""
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ def batch(processor, pages):
     return collate([{"image": pages["line"], "text": "line"}, {"image": pages["wide"], "text": "a wide page"}])
 
 
-@pytest.fixture(scope="module")
-def model(v2_dir):
-    """The stand-in as the loader gives it, LoRA on the encoder too (image features then carry gradients)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "checkpointing"])
+def model(v2_dir, request):
+    """The stand-in as the loader gives it, LoRA on the encoder too (image features then carry gradients); with
+    gradient checkpointing, PEFT's hook makes the input embeddings require grad."""
     from test_lora_v2 import draw_lora_b
 
     from dsocr_lightning.families.v2.loading import load
     from dsocr_lightning.training.loading import LoadSettings, LoraSettings
 
-    settings = LoadSettings(str(v2_dir), "transformers", dtype="float32", gradient_checkpointing=False)
+    settings = LoadSettings(str(v2_dir), "transformers", dtype="float32", gradient_checkpointing=request.param)
     loaded, *_ = load(settings, LoraSettings(encoder=True))
     return draw_lora_b(loaded).train()
 
@@ -97,3 +98,12 @@ def test_a_miscounted_batch_is_refused(model, batch):
     inputs = {key: batch[key] for key in KEYS} | {"use_cache": False}
     with torch.no_grad(), pytest.raises(ValueError, match="feature rows for"):
         forward(model, inputs, batch | {"image_tokens": batch["image_tokens"] - 1})
+
+
+def test_a_batch_from_another_collator_is_refused_with_the_reason(model, batch):
+    from dsocr_lightning.families.v2.forward import forward
+
+    inputs = {key: batch[key] for key in KEYS} | {"use_cache": False}
+    foreign = {key: value for key, value in batch.items() if key != "image_tokens"}
+    with torch.no_grad(), pytest.raises(KeyError, match="image_tokens"):
+        forward(model, inputs, foreign)

@@ -17,6 +17,7 @@ gradient equal).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ CAUSAL_SDPA = "dsocr_causal_sdpa"  # transformers' SDPA attention, registered wi
 IMAGE_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")
 
 
+@functools.cache  # once a process: the registry is global
 def register_causal_sdpa() -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -68,8 +70,12 @@ def forward(model: Any, inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
     """The model's output on `inputs` (from `batch`, which carries the collator's image positions and count)."""
     if inputs.get("pixel_values") is None:
         return model(**inputs)
+    if missing := [key for key in ("images_seq_mask", "image_tokens") if key not in batch]:
+        raise KeyError(f"the DeepSeek-OCR 2 forward needs the batch's {missing}: the v2 collator's batches "
+                       "(families/v2/collate.py, through OCRDataModule) carry them")  # fmt: skip
     inputs = embedded_inputs(model, inputs, batch["images_seq_mask"], batch["image_tokens"])
     unmasked = inputs.get("attention_mask") is None
     config = causal_lm(model).model.language_model.config
+    # (eager checkpointed layers recompute in backward, after the name is back: the same function, the same None mask)
     with causal_only(config) if unmasked else contextlib.nullcontext():
         return model(**inputs)

@@ -52,7 +52,6 @@ def last_hidden_state(self: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
 
 
 @functools.cache
-@functools.cache
 def frozen_class(base: type) -> type:
     """transformers' class with the frozen forward (one subclass per base class), named in this module so that a
     patched module pickles."""

@@ -47,7 +47,6 @@ def rel_pos_table(size_q: int, size_k: int, table: torch.Tensor) -> torch.Tensor
 
 
 @functools.cache
-@functools.cache
 def folded_class(base: type) -> type:
     """transformers' attention class with the folded forward (one subclass per base class), named in this module so
     that a patched module pickles."""
