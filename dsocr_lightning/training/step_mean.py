@@ -2,8 +2,8 @@
 
 torchmetrics' `MeanMetric` / `SumMetric` check every update for NaN (`.any()`) and copy a Python weight to the GPU:
 three CPU-GPU syncs per update, two updates per micro-batch. A sync makes the CPU wait for the GPU's queue to drain,
-so it cannot queue the next kernels meanwhile. The module tests the loss for NaN/inf itself before it updates
-(`nonfinite_loss`), so these keep no check: a weighted sum and its weight (float32: MPS has no float64), summed over
+so it cannot queue the next kernels meanwhile. The module tests the loss for NaN/inf itself (`nonfinite_loss`: skip
+before the update, stop before the step's value is computed), so these keep no check: a weighted sum and its weight (float32: MPS has no float64), summed over
 ranks by `compute`.
 """
 

@@ -26,14 +26,9 @@ def batch(processor, pages):
 def model(v2_dir, request):
     """The stand-in as the loader gives it, LoRA on the encoder too (image features then carry gradients); with
     gradient checkpointing, PEFT's hook makes the input embeddings require grad."""
-    from test_lora_v2 import draw_lora_b
+    from test_frozen_vision_v2 import checkpointed_model
 
-    from dsocr_lightning.families.v2.loading import load
-    from dsocr_lightning.training.loading import LoadSettings, LoraSettings
-
-    settings = LoadSettings(str(v2_dir), "transformers", dtype="float32", gradient_checkpointing=request.param)
-    loaded, *_ = load(settings, LoraSettings(encoder=True))
-    return draw_lora_b(loaded).train()
+    return checkpointed_model(v2_dir, encoder=True, checkpointing=request.param)
 
 
 def loss_and_grads(model, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

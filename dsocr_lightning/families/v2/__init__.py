@@ -26,6 +26,7 @@ REMOTE_CODE_TYPES = {
     "dsocr_standin",
 }  # DeepSeek's own remote-code v2 declares v1's model_type
 NATIVE = "deepseek-community/DeepSeek-OCR-2"
+IMAGE_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")  # a batch's image inputs, in the model's order
 
 
 class V2(Family):
@@ -105,7 +106,7 @@ class V2(Family):
         return ProcessorCollator(text_side, **settings)
 
     def prompt_image_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {key: batch[key] for key in ("pixel_values", "pixel_values_local", "num_local_patches")}
+        return {key: batch[key] for key in IMAGE_KEYS}
 
     def global_views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         return list(batch["pixel_values"])  # the processor stacks the global views [B, 3, S, S]

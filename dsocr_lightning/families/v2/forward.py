@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from ...fast.layout import causal_lm
+from . import IMAGE_KEYS
 
 CAUSAL_SDPA = "dsocr_causal_sdpa"  # transformers' SDPA attention, registered without a mask function
-IMAGE_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")
 
 
 @functools.cache  # once a process: the registry is global
@@ -52,10 +52,10 @@ def causal_only(config: Any) -> Iterator[None]:
         config._attn_implementation = before
 
 
-def embedded_inputs(model: Any, inputs: dict[str, Any], image_mask: torch.Tensor, image_tokens: int) -> dict[str, Any]:
-    """`inputs` with `input_ids` and the image inputs replaced by `inputs_embeds`: the token embeddings [B, L, H] with
-    the image features at `image_mask` [B, L] (bool), of which the collator counted `image_tokens`."""
-    inner = causal_lm(model).model  # DeepseekOcr2Model
+def embedded_inputs(inner: Any, inputs: dict[str, Any], image_mask: torch.Tensor, image_tokens: int) -> dict[str, Any]:
+    """`inputs` with `input_ids` and the image inputs replaced by `inputs_embeds`: the token embeddings [B, L, H] of
+    `inner` (the DeepseekOcr2Model) with the image features at `image_mask` [B, L] (bool), of which the collator
+    counted `image_tokens`."""
     rest = {key: value for key, value in inputs.items() if key not in (*IMAGE_KEYS, "input_ids")}
     embeds = inner.get_input_embeddings()(inputs["input_ids"])
     images = inner.get_image_features(*(inputs.get(key) for key in IMAGE_KEYS), return_dict=True).pooler_output
@@ -73,9 +73,10 @@ def forward(model: Any, inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
     if missing := [key for key in ("images_seq_mask", "image_tokens") if key not in batch]:
         raise KeyError(f"the DeepSeek-OCR 2 forward needs the batch's {missing}: the v2 collator's batches "
                        "(families/v2/collate.py, through OCRDataModule) carry them")  # fmt: skip
-    inputs = embedded_inputs(model, inputs, batch["images_seq_mask"], batch["image_tokens"])
+    inner = causal_lm(model).model  # DeepseekOcr2Model
+    inputs = embedded_inputs(inner, inputs, batch["images_seq_mask"], batch["image_tokens"])
     unmasked = inputs.get("attention_mask") is None
-    config = causal_lm(model).model.language_model.config
+    config = inner.language_model.config
     # (eager checkpointed layers recompute in backward, after the name is back: the same function, the same None mask)
     with causal_only(config) if unmasked else contextlib.nullcontext():
         return model(**inputs)
